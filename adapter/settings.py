@@ -169,6 +169,10 @@ class Settings:
         default=Path("/storage-config"),
         metadata=_env("STORAGE_CONFIG_DIR", "mounted storage-config secret, one file per key", Path),
     )
+    pvc_mounts_dir: Path = field(
+        default=Path("/pvc_mounts"),
+        metadata=_env("PVC_MOUNTS_DIR", "where PVCs of type pvc storage are mounted, one folder per name", Path),
+    )
     puller_port: int = field(
         default=8084,
         metadata=_env("PORT", "port of the standalone puller's mmesh.ModelRuntime service", _port),
