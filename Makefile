@@ -1,0 +1,43 @@
+# modelmesh-sidecar: everything a fresh machine needs is installed by these targets.
+#   make demo   - the whole flow end to end on a local MLServer and a local S3 server
+#   make test   - installs what the suite needs, lints, type-checks and runs the tests
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv runtimes protos lint test test-fast demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Runtime venvs (MLServer ...) live outside the checkout, keyed by their pinned
+# requirements, so a fresh clone reuses them and a fresh machine builds them once.
+runtimes: venv
+	$(BIN)/python -m tests.servers.venvs mlserver
+
+protos: venv
+	$(BIN)/python -m protos.generate
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: venv runtimes lint
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not integration"
+
+demo: venv runtimes
+	$(BIN)/python deploy/local/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

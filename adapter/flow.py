@@ -1,0 +1,405 @@
+"""The one load / unload / size / status flow, for every runtime.
+
+    loadModel -> turn for the model id -> LOADING_CONCURRENCY slot
+              -> puller.pull (or the local model a standalone puller placed)
+              -> plugin.layout -> plugin.load -> size
+
+Unload runs the same steps backwards. Concurrent loads of one id with the same request
+share one job; a load whose every caller went away is cancelled and leaves nothing
+loaded; loads and unloads of one id run in arrival order (``adapter.sequencing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from adapter.errors import (
+    InvalidRequest,
+    LoadTimeout,
+    ModelNotFound,
+    NotImplementedByRuntime,
+    RuntimeUnavailable,
+    SidecarError,
+)
+from adapter.sequencing import Turn, TurnQueue
+from puller.model_key import ModelKey, validate_model_id
+from puller.request import LocalModel, PullRequest
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from adapter.plugin import RuntimePlugin
+    from adapter.settings import Settings
+    from puller.pull import Puller
+
+log = structlog.get_logger(__name__)
+
+#: how long a cancelled load waits for the runtime to finish the load it was sent,
+#: so that it can be unloaded again
+CANCEL_SETTLE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """A loadModel (or predictModelSize) request, validated."""
+
+    model_id: str
+    model_path: str
+    model_type: str
+    model_key: ModelKey
+    model_key_text: str
+
+    @classmethod
+    def parse(cls, model_id: str, model_path: str, model_type: str, model_key: str) -> LoadRequest:
+        """Validate the id and parse the key; raises ``InvalidModelId`` /
+        ``InvalidModelKey`` before anything is attempted."""
+        return cls(
+            model_id=validate_model_id(model_id),
+            model_path=model_path,
+            model_type=model_type,
+            model_key=ModelKey.parse(model_key),
+            model_key_text=model_key,
+        )
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return (self.model_path, self.model_type, self.model_key_text)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    size_bytes: int
+    max_concurrency: int
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What runtimeStatus reports."""
+
+    ready: bool
+    capacity_bytes: int
+    max_loading_concurrency: int
+    model_loading_timeout_ms: int
+    default_model_size_bytes: int
+    runtime_version: str
+    method_infos: Mapping[str, Sequence[int]]
+    limit_model_concurrency: bool
+
+
+@dataclass
+class _LoadJob:
+    request: LoadRequest
+    task: asyncio.Task[LoadResult] | None = None
+    waiters: int = 0
+
+
+@dataclass
+class _Loaded:
+    request: LoadRequest
+    model: LocalModel
+    size_bytes: int
+    loaded_at: float = field(default_factory=time.monotonic)
+
+
+class ModelFlow:
+    """The load/unload/size/status semantics of the contract, over one runtime plugin
+    and (with the embedded puller) one puller."""
+
+    def __init__(self, settings: Settings, plugin: RuntimePlugin, puller: Puller | None) -> None:
+        self.settings = settings
+        self.plugin = plugin
+        self.puller = puller
+        self._turns = TurnQueue()
+        self._jobs: dict[str, _LoadJob] = {}
+        self._loaded: dict[str, _Loaded] = {}
+        self._slots = asyncio.Semaphore(settings.loading_concurrency)
+        self._purged = False
+        self._purge_lock = asyncio.Lock()
+        self._version: str | None = None
+
+    # ---------------------------------------------------------------- status
+
+    @property
+    def purged(self) -> bool:
+        """True once the leftovers were purged and READY was reported."""
+        return self._purged
+
+    async def runtime_status(self) -> RuntimeInfo:
+        """STARTING (ready=False) until the runtime is ready; before the first READY,
+        purge every model the runtime has loaded and every leftover directory."""
+        ready = await self.plugin.is_ready()
+        if ready and not self._purged:
+            async with self._purge_lock:
+                if not self._purged:
+                    try:
+                        await self._purge()
+                    except SidecarError as exc:
+                        log.warning("purge before READY failed; staying STARTING", error=str(exc))
+                        ready = False
+                    else:
+                        self._purged = True
+        if ready and self._version is None:
+            self._version = await self.plugin.runtime_version() or self.settings.runtime_version
+        return RuntimeInfo(
+            ready=ready,
+            capacity_bytes=self.settings.capacity_bytes,
+            max_loading_concurrency=self.settings.loading_concurrency,
+            model_loading_timeout_ms=self.settings.loadtime_timeout_ms,
+            default_model_size_bytes=self.settings.default_modelsize,
+            runtime_version=self._version or self.settings.runtime_version,
+            method_infos=self.plugin.method_infos(),
+            limit_model_concurrency=self.settings.limit_per_model_concurrency > 0,
+        )
+
+    async def _purge(self) -> None:
+        started = time.monotonic()
+        loaded = await self.plugin.list_models()
+        for model_id in loaded:
+            try:
+                await self.plugin.unload(model_id)
+            except ModelNotFound:
+                pass
+        views = await asyncio.to_thread(self._purge_views)
+        removed = await asyncio.to_thread(self.puller.purge) if self.puller is not None else []
+        self._loaded.clear()
+        log.info(
+            "purged leftovers before READY",
+            runtime_models=len(loaded),
+            views=views,
+            model_dirs=len(removed),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _purge_views(self) -> int:
+        count = 0
+        models_dir = self.plugin.models_dir
+        if not models_dir.is_dir():
+            models_dir.mkdir(parents=True, exist_ok=True)
+            return 0
+        with os.scandir(models_dir) as entries:
+            names = [e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        for name in names:
+            self.plugin.remove_view(name)
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ load
+
+    async def load(self, request: LoadRequest) -> LoadResult:
+        """Load the model and return only when it is servable. A second call for the
+        same id and the same request while the first runs shares its job."""
+        job = self._jobs.get(request.model_id)
+        if job is None or job.request.identity != request.identity:
+            job = _LoadJob(request)
+            turn = self._turns.take(request.model_id)
+            job.task = asyncio.create_task(self._run_load(job, turn), name=f"load {request.model_id}")
+            self._jobs[request.model_id] = job
+        assert job.task is not None
+        job.waiters += 1
+        try:
+            return await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            if job.waiters == 1 and not job.task.done():
+                log.info("loadModel cancelled by the caller; cancelling the load")
+                job.task.cancel()
+            raise
+        finally:
+            job.waiters -= 1
+
+    async def _run_load(self, job: _LoadJob, turn: Turn) -> LoadResult:
+        request = job.request
+        try:
+            with structlog.contextvars.bound_contextvars(model_id=request.model_id):
+                async with turn, self._slots:
+                    return await self._load_once(request)
+        finally:
+            if self._jobs.get(request.model_id) is job:
+                del self._jobs[request.model_id]
+
+    async def _load_once(self, request: LoadRequest) -> LoadResult:
+        previous = self._loaded.get(request.model_id)
+        if previous is not None and previous.request.identity == request.identity:
+            log.info("model already loaded", size_bytes=previous.size_bytes)
+            return self._result(previous.size_bytes)
+        started = time.monotonic()
+        timeout = self.settings.loadtime_timeout_ms / 1000
+        runtime_load: asyncio.Task[int | None] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                model = await self._obtain(request)
+                view = await asyncio.to_thread(self.plugin.layout, model)
+                runtime_load = asyncio.ensure_future(self.plugin.load(request.model_id, view, model))
+                runtime_size = await asyncio.shield(runtime_load)
+        except TimeoutError:
+            await self._undo(request.model_id, runtime_load)
+            raise LoadTimeout(
+                f"loading model {request.model_id!r} did not finish within {timeout:g}s (LOADTIME_TIMEOUT)"
+            ) from None
+        except BaseException:
+            await self._undo(request.model_id, runtime_load)
+            raise
+        size = runtime_size if runtime_size is not None else self._size_from_disk(model.disk_size_bytes)
+        self._loaded[request.model_id] = _Loaded(request, model, size)
+        log.info(
+            "model loaded",
+            size_bytes=size,
+            disk_size_bytes=model.disk_size_bytes,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return self._result(size)
+
+    async def _obtain(self, request: LoadRequest) -> LocalModel:
+        if self.puller is not None:
+            return await self.puller.pull(
+                PullRequest(
+                    model_id=request.model_id,
+                    model_path=request.model_path,
+                    model_key=request.model_key,
+                    model_type=request.model_type,
+                )
+            )
+        return await asyncio.to_thread(self._local_model, request)
+
+    def _local_model(self, request: LoadRequest) -> LocalModel:
+        """The model a standalone puller already placed: modelPath is local and must
+        lie inside ROOT_MODEL_DIR."""
+        root = self.settings.root_model_dir.resolve()
+        path = Path(request.model_path)
+        if not path.is_absolute():
+            path = root / path
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root) and not path.absolute().is_relative_to(root):
+            raise InvalidRequest(f"modelPath {request.model_path!r} is not inside ROOT_MODEL_DIR")
+        if not path.exists():
+            raise ModelNotFound(f"modelPath {request.model_path!r} does not exist")
+        key = request.model_key
+        size = key.disk_size_bytes if key.disk_size_bytes is not None else _disk_size(path)
+        schema = Path(key.schema_path) if key.schema_path else None
+        return LocalModel(
+            model_id=request.model_id,
+            path=path,
+            disk_size_bytes=size,
+            model_type=key.layout_type(request.model_type),
+            schema_path=schema,
+            model_key=key,
+        )
+
+    async def _undo(self, model_id: str, runtime_load: asyncio.Future[int | None] | None) -> None:
+        """Leave nothing behind of a failed or cancelled load. Runs to the end even if
+        the caller is cancelled again."""
+        cleanup = asyncio.ensure_future(self._undo_steps(model_id, runtime_load))
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            await cleanup
+            raise
+
+    async def _undo_steps(self, model_id: str, runtime_load: asyncio.Future[int | None] | None) -> None:
+        if runtime_load is not None:
+            # The runtime got the load: wait for it to settle, then take it back out.
+            try:
+                async with asyncio.timeout(CANCEL_SETTLE_SECONDS):
+                    await asyncio.wait({runtime_load})
+            except TimeoutError:
+                log.warning("runtime load did not settle; unloading anyway")
+            if runtime_load.done() and not runtime_load.cancelled():
+                runtime_load.exception()  # the error, if any, was reported to the caller
+            try:
+                await self.plugin.unload(model_id)
+            except (ModelNotFound, RuntimeUnavailable):
+                pass
+            except SidecarError as exc:
+                log.warning("unload after failed load failed", error=str(exc))
+        self._loaded.pop(model_id, None)
+        await asyncio.to_thread(self.plugin.remove_view, model_id)
+        if self.puller is not None:
+            await self.puller.remove(model_id)
+
+    # ---------------------------------------------------------------- unload
+
+    async def unload(self, model_id: str) -> None:
+        """Unload the model and delete its files; an unknown model is not an error."""
+        validate_model_id(model_id)
+        self._jobs.pop(model_id, None)  # a later load starts afresh
+        turn = self._turns.take(model_id)
+        async with turn:
+            with structlog.contextvars.bound_contextvars(model_id=model_id):
+                try:
+                    await self.plugin.unload(model_id)
+                except ModelNotFound:
+                    log.info("runtime does not know the model; treating as unloaded")
+                self._loaded.pop(model_id, None)
+                await asyncio.to_thread(self.plugin.remove_view, model_id)
+                if self.puller is not None:
+                    await self.puller.remove(model_id)
+                log.info("model unloaded")
+
+    # ----------------------------------------------------------------- sizes
+
+    def _size_from_disk(self, disk_size: int) -> int:
+        if disk_size <= 0:
+            return self.settings.default_modelsize
+        return math.ceil(disk_size * self.settings.multiplier)
+
+    def _result(self, size: int) -> LoadResult:
+        return LoadResult(size_bytes=size, max_concurrency=self.settings.limit_per_model_concurrency)
+
+    async def model_size(self, model_id: str) -> int:
+        """The runtime's measure of a loaded model, else disk size x multiplier."""
+        validate_model_id(model_id)
+        size = await self.plugin.model_size(model_id)
+        if size:
+            return size
+        loaded = self._loaded.get(model_id)
+        if loaded is None:
+            raise ModelNotFound(f"model {model_id!r} is not loaded")
+        return loaded.size_bytes or self.settings.default_modelsize
+
+    async def predict_size(self, request: LoadRequest) -> int:
+        """A fast, conservative size: the key's disk size, else the storage listing
+        (embedded puller) within a short budget, else DEFAULT_MODELSIZE."""
+        if request.model_key.disk_size_bytes is not None:
+            return self._size_from_disk(request.model_key.disk_size_bytes)
+        if self.puller is None:
+            raise NotImplementedByRuntime("predictModelSize needs disk_size_bytes in the model key")
+        size = await self.puller.predict_size(
+            PullRequest(
+                model_id=request.model_id,
+                model_path=request.model_path,
+                model_key=request.model_key,
+                model_type=request.model_type,
+            )
+        )
+        if size is None:
+            return self.settings.default_modelsize
+        return self._size_from_disk(size)
+
+    # ------------------------------------------------------------- inventory
+
+    def loaded_ids(self) -> list[str]:
+        return list(self._loaded)
+
+    def loaded_model(self, model_id: str) -> LocalModel | None:
+        entry = self._loaded.get(model_id)
+        return entry.model if entry is not None else None
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path, followlinks=True):
+        for name in files:
+            try:
+                total += (Path(dirpath) / name).stat().st_size
+            except OSError:
+                continue
+    return total

@@ -1,0 +1,207 @@
+"""The gRPC face of the adapter: the ``mmesh.ModelRuntime`` servicer, the health
+service, the one mapping of our errors to status codes, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from adapter import errors
+from adapter.flow import LoadRequest, ModelFlow, RuntimeInfo
+from adapter.settings import Settings
+from protos.mmesh import model_runtime_pb2 as pb
+from protos.mmesh import model_runtime_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = "mmesh.ModelRuntime"
+
+# The one place where our errors become gRPC status codes. Most specific first.
+_STATUS: tuple[tuple[type[errors.SidecarError], grpc.StatusCode], ...] = (
+    (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.StorageConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ConfigurationError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.StorageNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.StoragePermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.StorageUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.StorageError, grpc.StatusCode.INTERNAL),
+    (errors.DiskFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.RuntimeUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.LoadTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.NotImplementedByRuntime, grpc.StatusCode.UNIMPLEMENTED),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an exception raised while serving."""
+    if isinstance(exc, errors.RuntimeRejected):
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
+        return code, exc.message
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code, exc.message
+    if isinstance(exc, errors.SidecarError):
+        return grpc.StatusCode.INTERNAL, exc.message
+    # Not ours: the message could hold anything, so the caller gets only its kind.
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the sidecar log"
+
+
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def errors_to_status(context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except asyncio.CancelledError:
+        log.info("request cancelled by the caller", rpc=rpc)
+        raise
+    except Exception as exc:
+        code, message = status_for(exc)
+        if isinstance(exc, errors.SidecarError):
+            log.warning("request failed", rpc=rpc, code=code.name, error=message)
+        else:
+            log.exception("request failed unexpectedly", rpc=rpc, code=code.name)
+        await context.abort(code, message)
+
+
+def status_response(info: RuntimeInfo) -> pb.RuntimeStatusResponse:
+    response = pb.RuntimeStatusResponse(
+        status=(
+            pb.RuntimeStatusResponse.READY if info.ready else pb.RuntimeStatusResponse.STARTING
+        ),
+        capacityInBytes=info.capacity_bytes,
+        maxLoadingConcurrency=info.max_loading_concurrency,
+        modelLoadingTimeoutMs=info.model_loading_timeout_ms,
+        defaultModelSizeInBytes=info.default_model_size_bytes,
+        runtimeVersion=info.runtime_version,
+        limitModelConcurrency=info.limit_model_concurrency,
+    )
+    for method, path in info.method_infos.items():
+        response.methodInfos[method].idInjectionPath.extend(path)
+    return response
+
+
+class ModelRuntimeServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
+    """Decode, validate, delegate to :class:`ModelFlow`, map errors. Nothing else."""
+
+    def __init__(self, flow: ModelFlow, on_ready: Callable[[], Awaitable[None]]) -> None:
+        self.flow = flow
+        self._on_ready = on_ready
+
+    async def loadModel(  # noqa: N802 - the wire name
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LoadModelResponse:
+        with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="loadModel"):
+            async with errors_to_status(context, "loadModel"):
+                load = LoadRequest.parse(request.modelId, request.modelPath, request.modelType, request.modelKey)
+                log.info("loadModel", model_path=load.model_path, model_type=load.model_type)
+                result = await self.flow.load(load)
+                return pb.LoadModelResponse(sizeInBytes=result.size_bytes, maxConcurrency=result.max_concurrency)
+        raise AssertionError("unreachable")  # abort() raises
+
+    async def unloadModel(  # noqa: N802
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnloadModelResponse:
+        with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="unloadModel"):
+            async with errors_to_status(context, "unloadModel"):
+                log.info("unloadModel")
+                await self.flow.unload(request.modelId)
+                return pb.UnloadModelResponse()
+        raise AssertionError("unreachable")
+
+    async def predictModelSize(  # noqa: N802
+        self, request: pb.PredictModelSizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PredictModelSizeResponse:
+        with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="predictModelSize"):
+            async with errors_to_status(context, "predictModelSize"):
+                load = LoadRequest.parse(request.modelId, request.modelPath, request.modelType, request.modelKey)
+                size = await self.flow.predict_size(load)
+                return pb.PredictModelSizeResponse(sizeInBytes=size)
+        raise AssertionError("unreachable")
+
+    async def modelSize(  # noqa: N802
+        self, request: pb.ModelSizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelSizeResponse:
+        with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="modelSize"):
+            async with errors_to_status(context, "modelSize"):
+                size = await self.flow.model_size(request.modelId)
+                return pb.ModelSizeResponse(sizeInBytes=size)
+        raise AssertionError("unreachable")
+
+    async def runtimeStatus(  # noqa: N802
+        self, request: pb.RuntimeStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RuntimeStatusResponse:
+        async with errors_to_status(context, "runtimeStatus"):
+            info = await self.flow.runtime_status()
+            if info.ready:
+                await self._on_ready()
+            return status_response(info)
+        raise AssertionError("unreachable")
+
+
+class AdapterServer:
+    """The grpc.aio server of the adapter: ModelRuntime + health, on ADAPTER_PORT."""
+
+    def __init__(self, settings: Settings, flow: ModelFlow) -> None:
+        self.settings = settings
+        self.flow = flow
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def _mark_serving(self) -> None:
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port (useful with ADAPTER_PORT=0)."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ModelRuntimeServicer_to_server(ModelRuntimeServicer(self.flow, self._mark_serving), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.settings.adapter_host}:{self.settings.adapter_port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise errors.ConfigurationError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        self.port = port
+        log.info("adapter listening", address=f"{self.settings.adapter_host}:{port}")
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace if grace is not None else self.settings.shutdown_grace_seconds)
+        self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve_until_signalled(
+    start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``start``, wait for SIGTERM or SIGINT, then ``stop`` (graceful)."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await start()
+    await stopping.wait()
+    log.info("shutting down")
+    await stop()

@@ -1,0 +1,192 @@
+"""Safe names and atomic placement under ROOT_MODEL_DIR.
+
+Every name that comes from a store (an object key, a file name) is untrusted: it goes
+through :func:`safe_relpath` / :func:`safe_join` before anything is created. A model is
+assembled in a staging directory under ``ROOT_MODEL_DIR/_tmp/`` (the same filesystem,
+so the final step is a rename) and :func:`place_atomically` moves it into place: a
+model directory is either complete or absent, never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+
+from adapter.errors import DiskFull, StorageError, UnsafePath
+
+#: staging and aside directories, under ROOT_MODEL_DIR
+STAGING_DIR_NAME = "_tmp"
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def safe_relpath(name: str) -> str:
+    """Return ``name`` as a normalised relative posix path that stays below its root.
+
+    Empty and ``.`` components are dropped (``a//./b`` -> ``a/b``). Raises
+    :class:`UnsafePath` naming the entry when the name is empty (or only ``.`` and
+    ``/``), absolute, contains a ``..`` component, a NUL, or a backslash (refused
+    outright: on another reader it would be a separator, so ``..\\x`` could escape).
+    """
+    if not name:
+        raise UnsafePath("empty name in the model's file list")
+    if "\x00" in name:
+        raise UnsafePath(f"name {name!r} contains a NUL character")
+    if "\\" in name:
+        raise UnsafePath(f"name {name!r} contains a backslash")
+    if name.startswith("/"):
+        raise UnsafePath(f"name {name!r} is absolute")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath(f"name {name!r} leads outside its folder ('..')")
+    if not parts:
+        raise UnsafePath(f"name {name!r} names no file")
+    return "/".join(parts)
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def safe_join(root: Path, relpath: str) -> Path:
+    """Join ``relpath`` (checked with :func:`safe_relpath`) below ``root``.
+
+    Guarantees: the result is lexically inside ``root``, and no component of it between
+    ``root`` and the result is an existing symlink whose target lies outside ``root``
+    (a link inside ``root`` is allowed). Raises :class:`UnsafePath` otherwise.
+    """
+    clean = safe_relpath(relpath)
+    real_root = os.path.realpath(root)
+    current = Path(root)
+    for part in PurePosixPath(clean).parts:
+        current = current / part
+        if current.is_symlink() and not _is_within(os.path.realpath(current), real_root):
+            raise UnsafePath(f"name {relpath!r} passes through a link that leads outside {root}")
+    return Path(root) / clean
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file, a link (never its target) or a directory tree; absent is fine.
+
+    ``shutil.rmtree`` does not follow symlinks found inside the tree."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+
+
+def _os_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in _DISK_FULL_ERRNOS:
+        return DiskFull(f"no space left on the device while {what}")
+    return StorageError(f"local filesystem error while {what}: {exc.strerror or exc}")
+
+
+def staging_root(root_model_dir: Path) -> Path:
+    """``ROOT_MODEL_DIR/_tmp``, created when missing."""
+    path = Path(root_model_dir) / STAGING_DIR_NAME
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, f"creating {path}") from exc
+    return path
+
+
+class StagingDir:
+    """A fresh, private directory under ``ROOT_MODEL_DIR/_tmp/``.
+
+    Created by the constructor. Used as a context manager it is removed on exit unless
+    :func:`place_atomically` already moved it away, so a failed or cancelled pull
+    leaves nothing behind.
+    """
+
+    def __init__(self, root_model_dir: Path, label: str = "") -> None:
+        prefix = f"{label}." if label else "pull."
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_root(root_model_dir)))
+        except OSError as exc:
+            raise _os_error(exc, "creating a staging directory") from exc
+
+    def remove(self) -> None:
+        """Delete the staging directory and everything in it; absent is fine."""
+        _remove_path(self.path)
+
+    def __enter__(self) -> StagingDir:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+
+def staging_dir(root_model_dir: Path, label: str = "") -> StagingDir:
+    """A new :class:`StagingDir`; ``label`` (e.g. the model id) prefixes its name."""
+    return StagingDir(root_model_dir, label)
+
+
+def place_atomically(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` directory to ``target``.
+
+    ``staging`` must live on the same filesystem as ``target`` (it does when it is a
+    :class:`StagingDir` of the same ROOT_MODEL_DIR). When ``target`` exists (a directory,
+    a file or a link) it is first renamed aside into ``staging``'s parent and deleted
+    after the new one is in place; if the final rename fails the old one is put back.
+    So at every moment ``target`` is either absent or complete. On any failure the
+    staging directory is removed and :class:`StorageError` (or :class:`DiskFull`) is
+    raised.
+    """
+    aside: Path | None = None
+    try:
+        if target.is_symlink() or target.exists():
+            aside = Path(tempfile.mkdtemp(prefix="old.", dir=staging.parent)) / "old"
+            target.rename(aside)
+        try:
+            staging.rename(target)
+        except OSError:
+            if aside is not None:
+                with contextlib.suppress(OSError):
+                    aside.rename(target)
+                    aside = None
+            raise
+    except OSError as exc:
+        _remove_path(staging)
+        raise _os_error(exc, f"placing the model at {target}") from exc
+    finally:
+        if aside is not None:
+            _remove_path(aside.parent)
+
+
+def sweep_staging(root_model_dir: Path) -> list[str]:
+    """Remove every leftover under ``ROOT_MODEL_DIR/_tmp`` (half-done pulls of a
+    previous process). Returns the names removed. Call it at start-up only: it would
+    delete the staging directory of a pull that is running."""
+    root = Path(root_model_dir) / STAGING_DIR_NAME
+    removed: list[str] = []
+    try:
+        entries = sorted(root.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        _remove_path(entry)
+        removed.append(entry.name)
+    return removed
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` (a file, a link, or a directory tree, never following a link);
+    absent is fine. Filesystem errors become :class:`StorageError`."""
+    try:
+        _remove_path(path)
+    except OSError as exc:
+        raise _os_error(exc, f"removing {path}") from exc
