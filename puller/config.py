@@ -88,10 +88,9 @@ class _ChangeListener:
         event_type = getattr(event, "event_type", "")
         if event_type not in _CHANGE_EVENTS:
             return
-        if event_type in ("deleted", "moved") and getattr(event, "src_path", None) == self._watched_path:
-            # the watched directory itself went away: its inotify watch is dead
-            self._directory._watch_lost = True
-        self._directory._dirty.set()
+        # the watched directory itself deleted or moved away: its inotify watch is dead
+        lost = event_type in ("deleted", "moved") and getattr(event, "src_path", None) == self._watched_path
+        self._directory._mark_changed(watch_lost=lost)
 
 
 class StorageConfigDirectory:
@@ -136,12 +135,25 @@ class StorageConfigDirectory:
         with self._lock:
             if self._observer is not None:
                 return
-            observer = Observer()
-            observer.daemon = True
-            observer.start()
+            try:
+                observer = Observer()
+                observer.daemon = True
+                observer.start()
+            except OSError as exc:
+                # e.g. the inotify instance limit: stay correct by re-scanning on every read
+                log.warning(
+                    "storage_config_watch_failed",
+                    directory=str(self.directory),
+                    error=errno.errorcode.get(exc.errno or 0, type(exc).__name__),
+                )
+                return
             self._observer = observer
             self._dirty.set()
-        self._snapshot()
+        try:
+            self._snapshot()
+        except StorageConfigError as exc:
+            # reads will report it again; starting must not fail on a bad mount
+            log.warning("storage_config_unreadable", directory=str(self.directory), error=str(exc))
 
     def stop(self) -> None:
         """Stop watching and wait for the observer thread to end. Reads keep working,
@@ -162,6 +174,12 @@ class StorageConfigDirectory:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _mark_changed(self, *, watch_lost: bool) -> None:
+        """Called from the observer thread: flags only, no lock (see _ChangeListener)."""
+        if watch_lost:
+            self._watch_lost = True
+        self._dirty.set()
 
     @property
     def watching(self) -> bool:

@@ -33,7 +33,7 @@ def validate_model_id(model_id: str) -> str:
     for ch in model_id:
         if ch in "/\\":
             raise InvalidModelId(f"modelId {model_id!r} must not contain {ch!r}")
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
             raise InvalidModelId(f"modelId {model_id!r} must not contain control characters")
     if model_id.startswith("_"):
         raise InvalidModelId(f"modelId {model_id!r} must not start with '_' (reserved for the sidecar)")

@@ -100,17 +100,24 @@ def staging_root(root_model_dir: Path) -> Path:
 
 
 class StagingDir:
-    """A fresh, private directory under ``ROOT_MODEL_DIR/_tmp/``.
+    """A fresh, private directory under ``ROOT_MODEL_DIR/_tmp/`` (or, with ``parent``,
+    a hidden one directly in ``parent``: for a destination outside ROOT_MODEL_DIR,
+    staged beside it so that the final rename stays on one filesystem).
 
     Created by the constructor. Used as a context manager it is removed on exit unless
     :func:`place_atomically` already moved it away, so a failed or cancelled pull
     leaves nothing behind.
     """
 
-    def __init__(self, root_model_dir: Path, label: str = "") -> None:
+    def __init__(self, root_model_dir: Path, label: str = "", *, parent: Path | None = None) -> None:
         prefix = f"{label}." if label else "pull."
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_root(root_model_dir)))
+            if parent is None:
+                where = staging_root(root_model_dir)
+            else:
+                where = Path(parent)
+                prefix = "." + prefix
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
         except OSError as exc:
             raise _os_error(exc, "creating a staging directory") from exc
 
@@ -130,9 +137,9 @@ class StagingDir:
         self.remove()
 
 
-def staging_dir(root_model_dir: Path, label: str = "") -> StagingDir:
+def staging_dir(root_model_dir: Path, label: str = "", *, parent: Path | None = None) -> StagingDir:
     """A new :class:`StagingDir`; ``label`` (e.g. the model id) prefixes its name."""
-    return StagingDir(root_model_dir, label)
+    return StagingDir(root_model_dir, label, parent=parent)
 
 
 def place_atomically(staging: Path, target: Path) -> None:
@@ -146,25 +153,28 @@ def place_atomically(staging: Path, target: Path) -> None:
     staging directory is removed and :class:`StorageError` (or :class:`DiskFull`) is
     raised.
     """
-    aside: Path | None = None
+    aside_parent: Path | None = None
     try:
         if target.is_symlink() or target.exists():
-            aside = Path(tempfile.mkdtemp(prefix="old.", dir=staging.parent)) / "old"
+            aside_parent = Path(tempfile.mkdtemp(prefix=".old.", dir=staging.parent))
+            aside = aside_parent / "old"
             target.rename(aside)
-        try:
-            staging.rename(target)
-        except OSError:
-            if aside is not None:
+            try:
+                staging.rename(target)
+            except OSError:
                 with contextlib.suppress(OSError):
-                    aside.rename(target)
-                    aside = None
-            raise
+                    aside.rename(target)  # put the old one back
+                raise
+        else:
+            staging.rename(target)
     except OSError as exc:
         _remove_path(staging)
         raise _os_error(exc, f"placing the model at {target}") from exc
     finally:
-        if aside is not None:
-            _remove_path(aside.parent)
+        if aside_parent is not None:
+            # a leftover here lies under _tmp, swept at the next start
+            with contextlib.suppress(OSError):
+                _remove_path(aside_parent)
 
 
 def sweep_staging(root_model_dir: Path) -> list[str]:

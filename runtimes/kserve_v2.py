@@ -98,8 +98,9 @@ class KServeV2Client:
         return str(response.name), str(response.version)
 
     async def model_ready(self, name: str, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - gRPC deadline
-        """True when model ``name`` is loaded and ready. A model the server does not
-        know is not ready: ``False`` rather than ``ModelNotFound``."""
+        """True when model ``name`` is loaded and ready. A model the server answers
+        NOT_FOUND for is not ready: ``False`` rather than ``ModelNotFound``. (MLServer
+        1.7 answers UNKNOWN for an unknown model: that raises ``RuntimeRejected``.)"""
         try:
             response = await self._call("ModelReady", pb.ModelReadyRequest(name=name), timeout, name)
         except ModelNotFound:

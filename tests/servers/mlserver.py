@@ -77,6 +77,13 @@ class MLServerProcess:
         )
         return env
 
+    def reserve_ports(self) -> int:
+        """Choose the ports now (kept across restarts) and return the gRPC one, so a
+        client can be pointed at MLServer before it starts."""
+        if self._grpc_port is None:
+            self._http_port, self._grpc_port, self._metrics_port = _distinct_free_ports(3)
+        return self._grpc_port
+
     def start(self, timeout: float = 120) -> None:
         """Start MLServer and return once GET /v2/health/ready answers 200.
 
@@ -89,7 +96,7 @@ class MLServerProcess:
         venv = ensure_venv("mlserver")
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._http_port, self._grpc_port, self._metrics_port = _distinct_free_ports(3)
+        self.reserve_ports()
         self._process = ManagedProcess(
             [str(venv / "bin" / "mlserver"), "start", str(self.models_dir)],
             log_path=self.log_path,

@@ -1,0 +1,53 @@
+"""Fixtures of the puller tests: a moto S3 server for the session, fresh buckets, and
+settings rooted in the test's temp folder."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapter.settings import Settings
+from tests.servers.s3 import MotoS3Server
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
+    """One moto server for the whole session (any credentials accepted)."""
+    server = MotoS3Server(log_dir=tmp_path_factory.mktemp("moto-logs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(moto_s3: MotoS3Server) -> str:
+    """A new, empty bucket on the session's moto server."""
+    name = f"bkt-{uuid.uuid4().hex[:12]}"
+    moto_s3.create_bucket(name)
+    return name
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings whose every directory lies under ``tmp_path``."""
+    values: dict[str, Any] = {
+        "root_model_dir": tmp_path / "models",
+        "storage_config_dir": tmp_path / "storage-config",
+        "pvc_mounts_dir": tmp_path / "pvc",
+        "pull_workers": 4,
+        "pull_part_bytes": 64 * 1024,
+        "pull_retries": 3,
+        "pull_timeout_seconds": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
