@@ -48,9 +48,13 @@ async def run(settings: Settings, runtime: str) -> None:
     from adapter.server import AdapterServer, serve_until_signalled
 
     plugin_class = load_runtime_class(runtime)
-    settings = settings.for_runtime(plugin_class.default_runtime_port, plugin_class.default_modelsize_multiplier)
+    settings = settings.for_runtime(
+        plugin_class.default_runtime_port, plugin_class.default_modelsize_multiplier
+    )
     if settings.container_mem_req_bytes <= 0:
-        raise ConfigurationError("CONTAINER_MEM_REQ_BYTES must be set to the runtime container's memory request")
+        raise ConfigurationError(
+            "CONTAINER_MEM_REQ_BYTES must be set to the runtime container's memory request"
+        )
     plugin = plugin_class(settings)
     await asyncio.to_thread(plugin.prepare)
     puller = None
@@ -89,15 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     runtime = args.runtime or runtime_from_program_name(sys.argv[0])
     if not runtime:
         print(
-            "mesh-adapter: choose a runtime with --runtime "
-            f"(installed: {', '.join(available_runtimes())})",
+            f"mesh-adapter: choose a runtime with --runtime (installed: {', '.join(available_runtimes())})",
             file=sys.stderr,
         )
         return 2
     try:
         asyncio.run(run(settings, runtime))
     except SidecarError as exc:
-        log.error("adapter failed", error=str(exc))
+        log.error("adapter failed", error=str(exc))  # noqa: TRY400 - our error, no traceback needed
         print(f"mesh-adapter: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -12,6 +12,7 @@ loaded; loads and unloads of one id run in arrival order (``adapter.sequencing``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import time
@@ -163,10 +164,8 @@ class ModelFlow:
         started = time.monotonic()
         loaded = await self.plugin.list_models()
         for model_id in loaded:
-            try:
+            with contextlib.suppress(ModelNotFound):
                 await self.plugin.unload(model_id)
-            except ModelNotFound:
-                pass
         views = await asyncio.to_thread(self._purge_views)
         removed = await asyncio.to_thread(self.puller.purge) if self.puller is not None else []
         self._loaded.clear()
@@ -185,7 +184,9 @@ class ModelFlow:
             models_dir.mkdir(parents=True, exist_ok=True)
             return 0
         with os.scandir(models_dir) as entries:
-            names = [e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+            names = [
+                e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+            ]
         for name in names:
             self.plugin.remove_view(name)
             count += 1

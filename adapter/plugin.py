@@ -12,7 +12,6 @@ declared in our own pyproject the same way a third-party package declares its ow
 from __future__ import annotations
 
 import abc
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
@@ -123,10 +122,10 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=False)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
+def link(source: Path, target: Path) -> None:
     """Make ``target`` a symbolic link to ``source`` (absolute), replacing nothing."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(os.path.abspath(source), target)
+    target.symlink_to(source.absolute())
 
 
 def available_runtimes() -> list[str]:

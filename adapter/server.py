@@ -77,9 +77,7 @@ async def errors_to_status(context: grpc.aio.ServicerContext[Any, Any], rpc: str
 
 def status_response(info: RuntimeInfo) -> pb.RuntimeStatusResponse:
     response = pb.RuntimeStatusResponse(
-        status=(
-            pb.RuntimeStatusResponse.READY if info.ready else pb.RuntimeStatusResponse.STARTING
-        ),
+        status=(pb.RuntimeStatusResponse.READY if info.ready else pb.RuntimeStatusResponse.STARTING),
         capacityInBytes=info.capacity_bytes,
         maxLoadingConcurrency=info.max_loading_concurrency,
         modelLoadingTimeoutMs=info.model_loading_timeout_ms,
@@ -99,18 +97,22 @@ class ModelRuntimeServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
         self.flow = flow
         self._on_ready = on_ready
 
-    async def loadModel(  # noqa: N802 - the wire name
+    async def loadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadModelResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="loadModel"):
             async with errors_to_status(context, "loadModel"):
-                load = LoadRequest.parse(request.modelId, request.modelPath, request.modelType, request.modelKey)
+                load = LoadRequest.parse(
+                    request.modelId, request.modelPath, request.modelType, request.modelKey
+                )
                 log.info("loadModel", model_path=load.model_path, model_type=load.model_type)
                 result = await self.flow.load(load)
-                return pb.LoadModelResponse(sizeInBytes=result.size_bytes, maxConcurrency=result.max_concurrency)
+                return pb.LoadModelResponse(
+                    sizeInBytes=result.size_bytes, maxConcurrency=result.max_concurrency
+                )
         raise AssertionError("unreachable")  # abort() raises
 
-    async def unloadModel(  # noqa: N802
+    async def unloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UnloadModelResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="unloadModel"):
@@ -120,17 +122,19 @@ class ModelRuntimeServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
                 return pb.UnloadModelResponse()
         raise AssertionError("unreachable")
 
-    async def predictModelSize(  # noqa: N802
+    async def predictModelSize(
         self, request: pb.PredictModelSizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictModelSizeResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="predictModelSize"):
             async with errors_to_status(context, "predictModelSize"):
-                load = LoadRequest.parse(request.modelId, request.modelPath, request.modelType, request.modelKey)
+                load = LoadRequest.parse(
+                    request.modelId, request.modelPath, request.modelType, request.modelKey
+                )
                 size = await self.flow.predict_size(load)
                 return pb.PredictModelSizeResponse(sizeInBytes=size)
         raise AssertionError("unreachable")
 
-    async def modelSize(  # noqa: N802
+    async def modelSize(
         self, request: pb.ModelSizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelSizeResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="modelSize"):
@@ -139,7 +143,7 @@ class ModelRuntimeServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
                 return pb.ModelSizeResponse(sizeInBytes=size)
         raise AssertionError("unreachable")
 
-    async def runtimeStatus(  # noqa: N802
+    async def runtimeStatus(
         self, request: pb.RuntimeStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RuntimeStatusResponse:
         async with errors_to_status(context, "runtimeStatus"):
@@ -167,12 +171,14 @@ class AdapterServer:
     async def start(self) -> int:
         """Start serving; returns the bound port (useful with ADAPTER_PORT=0)."""
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_ModelRuntimeServicer_to_server(ModelRuntimeServicer(self.flow, self._mark_serving), server)
+        pb_grpc.add_ModelRuntimeServicer_to_server(
+            ModelRuntimeServicer(self.flow, self._mark_serving), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.adapter_host}:{self.settings.adapter_port}"
-        port = server.add_insecure_port(address)
+        port: int = server.add_insecure_port(address)
         if port == 0:
             raise errors.ConfigurationError(f"cannot listen on {address}")
         await server.start()

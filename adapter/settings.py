@@ -127,7 +127,9 @@ class Settings:
     )
     loadtime_timeout_ms: int = field(
         default=30000,
-        metadata=_env("LOADTIME_TIMEOUT", "model loading timeout in ms (modelLoadingTimeoutMs)", _positive_int),
+        metadata=_env(
+            "LOADTIME_TIMEOUT", "model loading timeout in ms (modelLoadingTimeoutMs)", _positive_int
+        ),
     )
     default_modelsize: int = field(
         default=1000000,
@@ -171,7 +173,9 @@ class Settings:
     )
     pvc_mounts_dir: Path = field(
         default=Path("/pvc_mounts"),
-        metadata=_env("PVC_MOUNTS_DIR", "where PVCs of type pvc storage are mounted, one folder per name", Path),
+        metadata=_env(
+            "PVC_MOUNTS_DIR", "where PVCs of type pvc storage are mounted, one folder per name", Path
+        ),
     )
     puller_port: int = field(
         default=8084,
@@ -199,7 +203,9 @@ class Settings:
     )
     pull_timeout_seconds: float = field(
         default=60.0,
-        metadata=_env("PULL_TIMEOUT_SECONDS", "connect and read timeout of one storage request", _positive_float),
+        metadata=_env(
+            "PULL_TIMEOUT_SECONDS", "connect and read timeout of one storage request", _positive_float
+        ),
     )
     log_level: str = field(
         default="info",

@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -22,8 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh-puller", description="Pull models the way the sidecar does.")
     sub = parser.add_subparsers(dest="command", required=True)
     pull = sub.add_parser("pull", help="pull one model into DEST and exit")
-    pull.add_argument("uri", help="storage URI: s3://bucket/path, gs://, pvc://name/path, http(s)://, file://")
-    pull.add_argument("dest", type=Path, help="directory to place the model in (must not exist or be empty)")
+    pull.add_argument(
+        "uri", help="storage URI: s3://bucket/path, gs://, pvc://name/path, http(s)://, file://"
+    )
+    pull.add_argument(
+        "dest",
+        type=Path,
+        help="model directory to create (must not exist or be empty); the model lands at "
+        "DEST/<last part of the path>, as the sidecar places it under ROOT_MODEL_DIR/<modelId>/",
+    )
     pull.add_argument("--storage-key", help="entry of the storage config to use (default: by type)")
     pull.add_argument(
         "--param",
@@ -32,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="extra storage param (dotted names reach nested fields); repeatable",
     )
-    serve = sub.add_parser("serve", help="run the standalone puller on PORT, forwarding to MODEL_SERVER_ENDPOINT")
+    serve = sub.add_parser(
+        "serve", help="run the standalone puller on PORT, forwarding to MODEL_SERVER_ENDPOINT"
+    )
     serve.add_argument("--port", type=int, help="override PORT")
     parser.add_argument("--log-level", help="override LOG_LEVEL")
     return parser
@@ -77,7 +87,7 @@ async def _serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides: dict[str, object] = {"log_level": args.log_level}
+        overrides: dict[str, Any] = {"log_level": args.log_level}
         if args.command == "serve":
             overrides["puller_port"] = args.port
         elif args.command == "pull":

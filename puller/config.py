@@ -130,7 +130,7 @@ class StorageConfigDirectory:
     def start(self) -> None:
         """Start watching the directory for changes (idempotent). The directory may
         not exist yet: it is watched from the first read that finds it."""
-        from watchdog.observers import Observer  # noqa: PLC0415 - import cost only when watching
+        from watchdog.observers import Observer
 
         with self._lock:
             if self._observer is not None:
@@ -250,7 +250,7 @@ class StorageConfigDirectory:
             raise
 
     def _watch_locked(self, identity: tuple[int, int]) -> None:
-        from watchdog.events import (  # noqa: PLC0415 - import cost only when watching
+        from watchdog.events import (
             DirCreatedEvent,
             DirDeletedEvent,
             DirModifiedEvent,

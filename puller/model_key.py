@@ -85,11 +85,10 @@ class ModelKey:
             if not isinstance(v, str):
                 raise InvalidModelKey(f"modelKey field 'storage_params.{k}' must be a string")
         model_type = data.get("model_type")
-        if model_type is not None:
-            if not isinstance(model_type, dict) or not all(
-                isinstance(v, str) for v in model_type.values()
-            ):
-                raise InvalidModelKey("modelKey field 'model_type' must be an object of strings")
+        if model_type is not None and (
+            not isinstance(model_type, dict) or not all(isinstance(v, str) for v in model_type.values())
+        ):
+            raise InvalidModelKey("modelKey field 'model_type' must be an object of strings")
         size = data.get("disk_size_bytes")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise InvalidModelKey("modelKey field 'disk_size_bytes' must be a non-negative integer")

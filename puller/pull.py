@@ -268,9 +268,7 @@ class Puller:
         """Run the engine in a thread; on cancellation stop it and wait until every
         worker has stopped before re-raising."""
         cancel = threading.Event()
-        return await _run_to_end(
-            asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel), on_cancel=cancel.set
-        )
+        return await asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel)
 
     @staticmethod
     def _link_in_place(

@@ -61,12 +61,14 @@ class PullerServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
         self._purged = False
         self._purge_lock = asyncio.Lock()
 
-    async def loadModel(  # noqa: N802 - the wire name
+    async def loadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadModelResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="loadModel"):
             async with errors_to_status(context, "loadModel"):
-                load = LoadRequest.parse(request.modelId, request.modelPath, request.modelType, request.modelKey)
+                load = LoadRequest.parse(
+                    request.modelId, request.modelPath, request.modelType, request.modelKey
+                )
                 async with self._turns.take(load.model_id):
                     local = await self.puller.pull(
                         PullRequest(load.model_id, load.model_path, load.model_key, load.model_type)
@@ -86,7 +88,7 @@ class PullerServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
                     return response
         raise AssertionError("unreachable")
 
-    async def unloadModel(  # noqa: N802
+    async def unloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UnloadModelResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="unloadModel"):
@@ -103,12 +105,14 @@ class PullerServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
                     return pb.UnloadModelResponse()
         raise AssertionError("unreachable")
 
-    async def predictModelSize(  # noqa: N802
+    async def predictModelSize(
         self, request: pb.PredictModelSizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictModelSizeResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="predictModelSize"):
             async with errors_to_status(context, "predictModelSize"):
-                load = LoadRequest.parse(request.modelId, request.modelPath, request.modelType, request.modelKey)
+                load = LoadRequest.parse(
+                    request.modelId, request.modelPath, request.modelType, request.modelKey
+                )
                 key_text = request.modelKey
                 if load.model_key.disk_size_bytes is None:
                     size = await self.puller.predict_size(
@@ -130,7 +134,7 @@ class PullerServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
                 return response
         raise AssertionError("unreachable")
 
-    async def modelSize(  # noqa: N802
+    async def modelSize(
         self, request: pb.ModelSizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelSizeResponse:
         with structlog.contextvars.bound_contextvars(model_id=request.modelId, rpc="modelSize"):
@@ -139,7 +143,7 @@ class PullerServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
                 return response
         raise AssertionError("unreachable")
 
-    async def runtimeStatus(  # noqa: N802
+    async def runtimeStatus(
         self, request: pb.RuntimeStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RuntimeStatusResponse:
         async with errors_to_status(context, "runtimeStatus"):
@@ -173,7 +177,7 @@ class PullerServer:
         pb_grpc.add_ModelRuntimeServicer_to_server(PullerServicer(self.settings, self.puller, stub), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.settings.adapter_host}:{self.settings.puller_port}"
-        port = server.add_insecure_port(address)
+        port: int = server.add_insecure_port(address)
         if port == 0:
             raise ConfigurationError(f"cannot listen on {address}")
         await server.start()
@@ -196,4 +200,3 @@ class PullerServer:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-

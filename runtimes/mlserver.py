@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapter.errors import InvalidRequest, ModelNotFound, RuntimeRejected, UnsafePath
-from adapter.plugin import RuntimePlugin, link_or_copy, remove_tree
+from adapter.plugin import RuntimePlugin, link, remove_tree
 from puller.model_key import validate_model_id
 from runtimes.kserve_v2 import KServeV2Client
 
@@ -165,7 +165,7 @@ class MLServerPlugin(RuntimePlugin):
         view = self.view_dir(model_id)
         _empty_view(view)
         for entry in links:
-            link_or_copy(entry, view / entry.name)
+            link(entry, view / entry.name)
         _write_json_atomically(view / MODEL_SETTINGS_FILE, settings)
         return view
 

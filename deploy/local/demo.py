@@ -19,15 +19,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import grpc  # noqa: E402
+import grpc
 
-from protos.inference import grpc_service_pb2 as v2  # noqa: E402
-from protos.inference import grpc_service_pb2_grpc as v2_grpc  # noqa: E402
-from protos.mmesh import model_runtime_pb2 as pb  # noqa: E402
-from tests.servers.adapter import MeshClient, SidecarProcess  # noqa: E402
-from tests.servers.mlserver import MLServerProcess  # noqa: E402
-from tests.servers.models import IRIS_EXPECTED, IRIS_SAMPLE, make_sklearn_model  # noqa: E402
-from tests.servers.s3 import MotoS3Server  # noqa: E402
+from protos.inference import grpc_service_pb2 as v2
+from protos.inference import grpc_service_pb2_grpc as v2_grpc
+from protos.mmesh import model_runtime_pb2 as pb
+from tests.servers.adapter import MeshClient, SidecarProcess
+from tests.servers.mlserver import MLServerProcess
+from tests.servers.models import IRIS_EXPECTED, IRIS_SAMPLE, make_sklearn_model
+from tests.servers.s3 import MotoS3Server
 
 MODEL_ID = "iris__isvc-demo0001"
 
@@ -49,7 +49,7 @@ def infer(grpc_port: int, model_id: str) -> list[int]:
     output = response.outputs[0]
     if output.contents.int64_contents:
         return list(output.contents.int64_contents)
-    import numpy as np  # only for raw outputs
+    import numpy as np
 
     return [int(v) for v in np.frombuffer(response.raw_output_contents[0], dtype=np.int64)]
 

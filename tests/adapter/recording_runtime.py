@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from adapter.errors import ModelNotFound, RuntimeRejected
-from adapter.plugin import RuntimePlugin, link_or_copy, remove_tree
+from adapter.plugin import RuntimePlugin, link, remove_tree
 from puller.request import LocalModel
 
 
@@ -42,7 +42,7 @@ class RecordingRuntime(RuntimePlugin):
         view = self.view_dir(model.model_id)
         remove_tree(view)
         view.mkdir(parents=True)
-        link_or_copy(model.path, view / model.path.name)
+        link(model.path, view / model.path.name)
         return view
 
     async def load(self, model_id: str, view: Path, model: LocalModel) -> int | None:

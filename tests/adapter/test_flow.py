@@ -6,14 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from adapter.errors import InvalidModelId, InvalidModelKey, LoadTimeout, ModelNotFound, NotImplementedByRuntime
+from adapter.errors import (
+    InvalidModelId,
+    InvalidModelKey,
+    LoadTimeout,
+    ModelNotFound,
+    NotImplementedByRuntime,
+)
 from adapter.flow import LoadRequest, ModelFlow
 from adapter.sequencing import TurnQueue
 from tests.adapter.conftest import load_request, make_settings
 from tests.adapter.recording_runtime import RecordingRuntime
 
 
-async def test_load_reports_disk_size_times_multiplier(flow: ModelFlow, runtime: RecordingRuntime, root: Path):
+async def test_load_reports_disk_size_times_multiplier(
+    flow: ModelFlow, runtime: RecordingRuntime, root: Path
+):
     result = await flow.load(load_request(root, "m1", size=1000))
     assert result.size_bytes == math.ceil(1000 * 1.25)
     assert "m1" in runtime.loaded
@@ -25,7 +33,9 @@ async def test_runtime_size_wins_over_disk_size(flow: ModelFlow, runtime: Record
     assert (await flow.load(load_request(root, "m1"))).size_bytes == 4242
 
 
-async def test_concurrent_loads_of_one_id_share_one_job(flow: ModelFlow, runtime: RecordingRuntime, root: Path):
+async def test_concurrent_loads_of_one_id_share_one_job(
+    flow: ModelFlow, runtime: RecordingRuntime, root: Path
+):
     runtime.load_delay = 0.2
     request = load_request(root, "shared")
     results = await asyncio.gather(*(flow.load(request) for _ in range(5)))
@@ -33,7 +43,9 @@ async def test_concurrent_loads_of_one_id_share_one_job(flow: ModelFlow, runtime
     assert runtime.calls.count(("load", "shared")) == 1
 
 
-async def test_loading_concurrency_bounds_parallel_loads(flow: ModelFlow, runtime: RecordingRuntime, root: Path):
+async def test_loading_concurrency_bounds_parallel_loads(
+    flow: ModelFlow, runtime: RecordingRuntime, root: Path
+):
     runtime.load_delay = 0.05
     await asyncio.gather(*(flow.load(load_request(root, f"m{i}")) for i in range(6)))
     assert runtime.max_in_flight == 2
@@ -104,7 +116,9 @@ async def test_load_timeout(root: Path):
     assert runtime.loaded == {}
 
 
-async def test_status_is_starting_until_ready_then_purges(flow: ModelFlow, runtime: RecordingRuntime, root: Path):
+async def test_status_is_starting_until_ready_then_purges(
+    flow: ModelFlow, runtime: RecordingRuntime, root: Path
+):
     runtime.ready = False
     runtime.loaded["leftover"] = Path("/nowhere")
     stale_view = runtime.view_dir("stale")

@@ -22,7 +22,9 @@ from tests.adapter.recording_runtime import RecordingRuntime
 
 
 @pytest.fixture
-async def served(root: Path) -> AsyncIterator[tuple[pb_grpc.ModelRuntimeStub, RecordingRuntime, grpc.aio.Channel]]:
+async def served(
+    root: Path,
+) -> AsyncIterator[tuple[pb_grpc.ModelRuntimeStub, RecordingRuntime, grpc.aio.Channel]]:
     settings = make_settings(root, adapter_port=0, adapter_host="127.0.0.1", limit_per_model_concurrency=3)
     runtime = RecordingRuntime(settings)
     server = AdapterServer(settings, ModelFlow(settings, runtime, None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -97,7 +98,10 @@ def adapter_env(root: Path, mlserver_port: int, config_dir: Path, **extra: str) 
 
 @pytest.fixture(scope="module")
 def sidecar(
-    mlserver: MLServerProcess, mlserver_root: Path, storage_config: Path, tmp_path_factory: pytest.TempPathFactory
+    mlserver: MLServerProcess,
+    mlserver_root: Path,
+    storage_config: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MeshClient, SidecarProcess]]:
     # leftovers from "before a restart": a model dir, a view, a staging dir
     (mlserver_root / "stale-model" / "model").mkdir(parents=True, exist_ok=True)
@@ -165,12 +169,13 @@ def test_two_models_at_once_single_object_and_prefix(sidecar, mlserver: MLServer
     client, _ = sidecar
     client.wait_ready()
     prefix_id, object_id = "two__isvc-prefix0001", "two__isvc-object0001"
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.load, prefix_id, "sklearn/iris", {"model_type": {"name": "sklearn"}})
         second = pool.submit(
-            client.load, object_id, "single/model.joblib", {"storage_key": "localS3", "model_type": {"name": "sklearn"}}
+            client.load,
+            object_id,
+            "single/model.joblib",
+            {"storage_key": "localS3", "model_type": {"name": "sklearn"}},
         )
         first.result(), second.result()
     assert (mlserver_root / object_id / "model.joblib").is_file()  # one object lands as a file
@@ -192,7 +197,9 @@ def test_predict_model_size_from_listing_and_key(sidecar, trained_sklearn_model:
     client, _ = sidecar
     disk = (trained_sklearn_model / "model.joblib").stat().st_size
     listed = client.stub.predictModelSize(
-        pb.PredictModelSizeRequest(modelId="p1", modelPath="single/model.joblib", modelKey='{"storage_key":"localS3"}')
+        pb.PredictModelSizeRequest(
+            modelId="p1", modelPath="single/model.joblib", modelKey='{"storage_key":"localS3"}'
+        )
     )
     assert listed.sizeInBytes == int(-(-disk * 1.25 // 1))
     keyed = client.stub.predictModelSize(
@@ -205,11 +212,23 @@ BAD_INPUTS = [
     # (model id, path, key, expected code, fragment of the message)
     ("bad__json0001", "sklearn/iris", "{not json", grpc.StatusCode.INVALID_ARGUMENT, "not valid JSON"),
     ("bad__key0001", "sklearn/iris", '{"storage_key": "nope"}', grpc.StatusCode.FAILED_PRECONDITION, "nope"),
-    ("bad__bucket0001", "sklearn/iris", '{"storage_key": "nobucket"}', grpc.StatusCode.FAILED_PRECONDITION, "bucket"),
+    (
+        "bad__bucket0001",
+        "sklearn/iris",
+        '{"storage_key": "nobucket"}',
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "bucket",
+    ),
     ("a/b", "sklearn/iris", "{}", grpc.StatusCode.INVALID_ARGUMENT, "modelId"),
     ("..", "sklearn/iris", "{}", grpc.StatusCode.INVALID_ARGUMENT, "modelId"),
     ("nul\x00id", "sklearn/iris", "{}", grpc.StatusCode.INVALID_ARGUMENT, "modelId"),
-    ("bad__path0001", "no/such/model", '{"storage_key": "localS3"}', grpc.StatusCode.NOT_FOUND, "no/such/model"),
+    (
+        "bad__path0001",
+        "no/such/model",
+        '{"storage_key": "localS3"}',
+        grpc.StatusCode.NOT_FOUND,
+        "no/such/model",
+    ),
     ("bad__escape0001", "evil", '{"storage_key": "localS3"}', grpc.StatusCode.INVALID_ARGUMENT, ".."),
     (
         "bad__nosuchbucket0001",
@@ -225,7 +244,7 @@ BAD_INPUTS = [
 def test_bad_input_gets_a_clear_error_and_leaves_nothing(
     sidecar, mlserver_root: Path, model_id, path, key, code, fragment
 ):
-    client, adapter = sidecar
+    client, _ = sidecar
     client.wait_ready()
     with pytest.raises(grpc.RpcError) as info:
         client.load(model_id, path, key)
@@ -238,7 +257,7 @@ def test_bad_input_gets_a_clear_error_and_leaves_nothing(
 
 
 def test_wrong_credentials(sidecar, moto_s3: MotoS3Server, mlserver_root: Path):
-    client, adapter = sidecar
+    client, _ = sidecar
     client.wait_ready()
     moto_s3.require_auth()
     try:
@@ -280,7 +299,9 @@ def test_status_before_and_after_the_runtime_is_up(
         assert status.status == pb.RuntimeStatusResponse.STARTING
         runtime.start()
         assert client.wait_ready(timeout=60).status == pb.RuntimeStatusResponse.READY
-        client.load("late__isvc-0001", "sklearn/iris", {"storage_key": "localS3", "model_type": {"name": "sklearn"}})
+        client.load(
+            "late__isvc-0001", "sklearn/iris", {"storage_key": "localS3", "model_type": {"name": "sklearn"}}
+        )
         assert infer(runtime, "late__isvc-0001") == list(IRIS_EXPECTED)
     finally:
         client.close()

@@ -84,10 +84,17 @@ class MeshClient:
             time.sleep(0.2)
 
     def load(
-        self, model_id: str, path: str, key: Mapping[str, object] | str, model_type: str = "", timeout: float = 120
+        self,
+        model_id: str,
+        path: str,
+        key: Mapping[str, object] | str,
+        model_type: str = "",
+        timeout: float = 120,
     ) -> pb.LoadModelResponse:
         key_text = key if isinstance(key, str) else json.dumps(key)
-        request = pb.LoadModelRequest(modelId=model_id, modelPath=path, modelType=model_type, modelKey=key_text)
+        request = pb.LoadModelRequest(
+            modelId=model_id, modelPath=path, modelType=model_type, modelKey=key_text
+        )
         response: pb.LoadModelResponse = self.stub.loadModel(request, timeout=timeout)
         return response
 
