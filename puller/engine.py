@@ -136,16 +136,20 @@ class _Range:
 class _Job:
     """One call of :meth:`PullEngine.fetch`: its cancel event and its failure flag."""
 
-    def __init__(self, storage: Storage, cancel: threading.Event) -> None:
+    def __init__(self, storage: Storage, cancel: threading.Event, closing: threading.Event) -> None:
         self.storage = storage
         self.cancel = cancel
+        self.closing = closing
         self.failed = threading.Event()
         self.lock = threading.Lock()
 
     def check(self) -> None:
-        """Stop this worker when the fetch was cancelled or another range failed."""
+        """Stop this worker when the fetch was cancelled, the engine is closing, or
+        another range failed."""
         if self.cancel.is_set():
             raise FetchCancelled("the pull was cancelled")
+        if self.closing.is_set():
+            raise FetchCancelled("the pull engine is shutting down")
         if self.failed.is_set():
             raise _Abandoned
 
@@ -155,7 +159,7 @@ class _Job:
         while (left := deadline - time.monotonic()) > 0:
             if self.cancel.wait(min(left, 0.05)):
                 break
-            if self.failed.is_set():
+            if self.failed.is_set() or self.closing.is_set():
                 break
         self.check()
 
@@ -185,10 +189,14 @@ class PullEngine:
         self.verifier_for = verifier_for
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="pull")
         self._local = threading.local()
+        self._closing = threading.Event()
 
     def close(self) -> None:
-        """Stop the worker threads (after the ranges already queued)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the worker threads. A fetch still running ends soon with
+        :class:`FetchCancelled` (its queued ranges stop at once, not cancelled in the
+        queue: that would leave the fetch waiting for them forever)."""
+        self._closing.set()
+        self._pool.shutdown(wait=True)
 
     # --- the fetch --------------------------------------------------------------------
 
@@ -209,7 +217,7 @@ class PullEngine:
         """
         started = time.monotonic()
         targets = self._targets(plan, dest)
-        job = _Job(storage, cancel)
+        job = _Job(storage, cancel, self._closing)
         job.check()
         try:
             dest.mkdir(parents=True, exist_ok=True)
@@ -217,7 +225,14 @@ class PullEngine:
             raise _local_error(exc, dest) from exc
         states = self._create_files(plan, targets)
         ranges = [r for state in states for r in self._split(state)]
-        futures: list[Future[None]] = [self._pool.submit(self._fetch_range, job, r) for r in ranges]
+        futures: list[Future[None]] = []
+        try:
+            for part in ranges:
+                futures.append(self._pool.submit(self._fetch_range, job, part))
+        except RuntimeError:  # the pool was shut down meanwhile
+            job.failed.set()
+            wait(futures)
+            raise FetchCancelled("the pull engine is shutting down") from None
         try:
             self._wait(futures, job)
         finally:

@@ -215,11 +215,14 @@ class Puller:
         local_name = local_model_name(model_path)
         storage = await asyncio.to_thread(self._storage_for, key)
         started = time.monotonic()
-        staging = await asyncio.to_thread(staging_dir, self.root, label, parent=parent)
+        # one mkdir, in the loop: a cancellation cannot lose track of the directory
+        staging = staging_dir(self.root, label, parent=parent)
         try:
             if storage.links_in_place:
-                size = await asyncio.to_thread(
-                    self._link_in_place, storage, model_path, key.schema_path, staging.path, local_name
+                size = await _run_to_end(
+                    asyncio.to_thread(
+                        self._link_in_place, storage, model_path, key.schema_path, staging.path, local_name
+                    )
                 )
                 stats = FetchStats(bytes=0, files=0, seconds=time.monotonic() - started)
             else:
@@ -248,6 +251,10 @@ class Puller:
         """One plan for the model and its schema, relpaths below the model directory,
         every name checked; and the model's own byte count."""
         plan = await asyncio.to_thread(storage.plan, model_path)
+        if plan.kind != "files":
+            raise StorageError(
+                f"the store gave a plan of kind '{plan.kind}', which this puller cannot lay out yet"
+            )
         if plan.single_object:
             if len(plan.blobs) != 1:
                 raise StorageError(
@@ -268,7 +275,9 @@ class Puller:
         """Run the engine in a thread; on cancellation stop it and wait until every
         worker has stopped before re-raising."""
         cancel = threading.Event()
-        return await asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel)
+        return await _run_to_end(
+            asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel), on_cancel=cancel.set
+        )
 
     @staticmethod
     def _link_in_place(
@@ -319,7 +328,8 @@ class Puller:
         if not (target.is_symlink() or target.exists()):
             return
         try:
-            aside = Path(await asyncio.to_thread(_aside_dir, self.root)) / "removed"
+            # one mkdir and one rename, in the loop: the model is gone at once
+            aside = Path(tempfile.mkdtemp(prefix="rm.", dir=staging_root(self.root))) / "removed"
             target.rename(aside)
         except FileNotFoundError:
             return
@@ -357,7 +367,3 @@ def _prepare_destination(dest: Path) -> Path:
     except OSError as exc:
         raise StorageError(f"cannot create {dest.parent}: {exc.strerror}") from None
     return dest
-
-
-def _aside_dir(root: Path) -> str:
-    return tempfile.mkdtemp(prefix="rm.", dir=staging_root(root))

@@ -105,7 +105,7 @@ def translate_boto_error(exc: Exception, *, bucket: str, key: str | None = None,
     """Map a botocore/boto3 exception to our error type. ``action`` says what was being
     done (``"listing"``, ``"reading"``) for the message. The message carries the
     bucket, the key and the S3 error code, never credentials or the server's text."""
-    from botocore import exceptions as bce  # noqa: PLC0415 - deferred: importing botocore is slow
+    from botocore import exceptions as bce  # deferred: importing botocore is slow
 
     where = f"s3 bucket '{bucket}'" + (f" at '{key}'" if key else "")
     if isinstance(exc, bce.ClientError):
@@ -362,9 +362,9 @@ class S3Storage(Storage):
 
     def _build_client(self) -> S3Client:
         # deferred: importing boto3 costs ~0.3 s, kept off the start-up path
-        import boto3  # noqa: PLC0415
-        from botocore import UNSIGNED  # noqa: PLC0415
-        from botocore.config import Config  # noqa: PLC0415
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
 
         anonymous = _truthy(self.config.get("anonymous", False))
         access_key = self.config.get("access_key_id") or None

@@ -1,10 +1,10 @@
-"""Fixtures of the puller tests: a moto S3 server for the session, fresh buckets, and
-settings rooted in the test's temp folder."""
+"""Fixtures of the puller tests: fresh buckets on the session's moto S3 server
+(``moto_s3``, from ``tests/conftest.py``), and settings rooted in the test's temp
+folder."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +12,6 @@ import pytest
 
 from adapter.settings import Settings
 from tests.servers.s3 import MotoS3Server
-
-
-@pytest.fixture(scope="session")
-def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
-    """One moto server for the whole session (any credentials accepted)."""
-    server = MotoS3Server(log_dir=tmp_path_factory.mktemp("moto-logs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

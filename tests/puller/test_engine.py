@@ -355,3 +355,30 @@ def test_two_fetches_share_the_pool(engine: PullEngine, engine_settings: Setting
         t.join(timeout=30)
     assert (tmp_path / "a" / "a.bin").read_bytes() == a.objects["a.bin"]
     assert (tmp_path / "b" / "b.bin").read_bytes() == b.objects["b.bin"]
+
+
+def test_close_stops_a_running_fetch(engine_settings: Settings, tmp_path: Path) -> None:
+    part = engine_settings.pull_part_bytes
+    engine = PullEngine(engine_settings)
+    store = MemoryStorage(engine_settings, {f"f{i}.bin": os.urandom(4 * part) for i in range(4)})
+    store.chunk_delay = 0.02
+    outcome: list[BaseException | FetchStats] = []
+
+    def run() -> None:
+        try:
+            outcome.append(engine.fetch(store, store.plan(""), tmp_path / "out", threading.Event()))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while store.bytes_served == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    engine.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "a fetch must not outlive its engine"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], FetchCancelled)
+    with pytest.raises(FetchCancelled):
+        engine.fetch(store, store.plan(""), tmp_path / "after", threading.Event())

@@ -337,10 +337,10 @@ def test_wrong_credentials(moto_auth: dict[str, Any], make_s3: S3Factory) -> Non
         access_key_id=nobody["AccessKeyId"],
         secret_access_key=nobody["SecretAccessKey"],
     )
-    with pytest.raises(StoragePermissionDenied) as info:
+    with pytest.raises(StoragePermissionDenied) as refused:
         denied.plan("m.bin")
-    assert "locked" in str(info.value)
-    assert_no_secret(info.value, nobody["SecretAccessKey"], nobody["AccessKeyId"])
+    assert "locked" in str(refused.value)
+    assert_no_secret(refused.value, nobody["SecretAccessKey"], nobody["AccessKeyId"])
 
 
 # --- TLS with an inline CA certificate ----------------------------------------------------------
@@ -628,7 +628,11 @@ def test_a_stale_keep_alive_connection_is_replaced(scripted: ScriptedS3, make_s3
 
 def test_a_silent_server_times_out(scripted: ScriptedS3, make_s3: S3Factory, tmp_path: Path) -> None:
     release = threading.Event()
-    scripted.answer = lambda h, start, end: release.wait(5)
+
+    def hang(h: _ScriptedHandler, start: int, end: int) -> None:
+        release.wait(5)
+
+    scripted.answer = hang
     settings = make_settings(tmp_path, pull_timeout_seconds=0.5)
     storage = make_s3("bkt", endpoint_url=scripted.endpoint_url, settings=settings)
     started = time.monotonic()

@@ -101,9 +101,10 @@ class MotoS3Server:
 
     def client(self, service: str = "s3", key_id: str = DUMMY_KEY_ID, secret: str = DUMMY_SECRET) -> Any:
         """A boto3 client for this server (dummy keys unless given)."""
-        return boto3.session.Session(
+        session: Any = boto3.session.Session(
             aws_access_key_id=key_id, aws_secret_access_key=secret, region_name="us-east-1"
-        ).client(
+        )
+        return session.client(
             service,
             endpoint_url=self.endpoint_url,
             verify=str(self.tls[2]) if self.tls else None,
