@@ -48,7 +48,12 @@ def test_settings_from_upstream_env_names(tmp_path: Path):
         "MODEL_SERVER_ENDPOINT": "port:9000",
     }
     s = Settings.from_env(env)
-    assert (s.adapter_port, s.runtime_port, s.loading_concurrency, s.loadtime_timeout_ms) == (9000, 9001, 4, 90000)
+    assert (s.adapter_port, s.runtime_port, s.loading_concurrency, s.loadtime_timeout_ms) == (
+        9000,
+        9001,
+        4,
+        90000,
+    )
     assert s.capacity_bytes == 1073741824 - 1000
     assert s.multiplier == 2.5
     assert s.use_embedded_puller is True
