@@ -207,6 +207,38 @@ class Settings:
             "PULL_TIMEOUT_SECONDS", "connect and read timeout of one storage request", _positive_float
         ),
     )
+    cache_max_bytes: int = field(
+        default=0,
+        metadata=_env(
+            "CACHE_MAX_BYTES",
+            "byte cap of the content cache under ROOT_MODEL_DIR/_cache (0: cache off)",
+            _non_negative_int,
+        ),
+    )
+    archive_max_bytes: int = field(
+        default=64 * 1024**3,
+        metadata=_env(
+            "ARCHIVE_MAX_BYTES",
+            "most bytes a model archive may unpack to (zip bombs fail past it)",
+            _positive_int,
+        ),
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=_env("METRICS_PORT", "port of the Prometheus /metrics endpoint (0: off)", _port),
+    )
+    http_proxy: str = field(
+        default="",
+        metadata=_env("HTTP_PROXY", "proxy for plain-HTTP storage requests (standard variable)"),
+    )
+    https_proxy: str = field(
+        default="",
+        metadata=_env("HTTPS_PROXY", "proxy for HTTPS storage requests (standard variable)"),
+    )
+    no_proxy: str = field(
+        default="",
+        metadata=_env("NO_PROXY", "hosts reached without the proxy, comma-separated (standard variable)"),
+    )
     log_level: str = field(
         default="info",
         metadata=_env("LOG_LEVEL", "debug, info, warning or error"),
