@@ -165,7 +165,10 @@ class StorageConformance:
         for key, data in tree.items():
             store.put(key, data)
         model = self.pull(workdir, store.config(), store.model_path("odd"))
-        assert self.files_under(model.path) == {"mödel wéights.bin": b"unicode", "dir with space/a b.txt": b"spaces"}
+        assert self.files_under(model.path) == {
+            "mödel wéights.bin": b"unicode",
+            "dir with space/a b.txt": b"spaces",
+        }
 
     @pytest.mark.slow
     def test_large_object_in_parallel_ranges(self, store: ConformanceStore, workdir: Path) -> None:
@@ -196,7 +199,9 @@ class StorageConformance:
         assert "no/such/model" in str(info.value)
         assert self.leftovers(workdir) == []
 
-    def test_bad_credentials_are_refused_without_leaking(self, store: ConformanceStore, workdir: Path) -> None:
+    def test_bad_credentials_are_refused_without_leaking(
+        self, store: ConformanceStore, workdir: Path
+    ) -> None:
         bad = store.bad_credentials_config()
         if bad is None:
             pytest.skip("this store has no credentials")
