@@ -19,10 +19,8 @@ key and the S3 error code, never a credential.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
-import ssl
 import tempfile
 import threading
 import time
@@ -40,7 +38,8 @@ from adapter.errors import (
     StorageUnauthenticated,
     StorageUnavailable,
 )
-from puller.storage.base import Blob, Plan, Storage
+from puller.storage.base import Blob, ByteStream, Plan, Storage
+from puller.storage.ranged_http import RangedHttp
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -82,7 +81,6 @@ _TRANSIENT_CODES = frozenset(
         "500",
     }
 )
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 
 
@@ -173,65 +171,6 @@ def _http_error(status: int, body: bytes, *, bucket: str, key: str) -> SidecarEr
     return StorageError(f"s3 answered HTTP {status} {code} while reading {where}")
 
 
-def _connection_error(exc: BaseException, bucket: str, key: str) -> SidecarError:
-    """A failed request on the byte path: transient, except an untrusted certificate
-    (it does not fix itself)."""
-    where = f"s3 bucket '{bucket}' at '{key}'"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return StorageError(
-            f"TLS failure talking to s3 for {where} ({type(exc).__name__}; check the certificate)"
-        )
-    return StorageUnavailable(f"cannot reach s3 for {where} ({type(exc).__name__})")
-
-
-class _Connections(threading.local):
-    """This thread's keep-alive connections, one per (scheme, host, port)."""
-
-    def __init__(self) -> None:
-        self.by_origin: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
-
-
-class _RangeStream:
-    """The body of one ranged GET. Reading past the range is impossible: http.client
-    stops at Content-Length. A connection that ends before the range does is a
-    transient failure (http.client itself would just return 0). On close, a fully read
-    connection stays open for the next range; a half-read one is closed."""
-
-    def __init__(
-        self,
-        owner: S3Storage,
-        origin: tuple[str, str, int],
-        conn: http.client.HTTPConnection,
-        resp: http.client.HTTPResponse,
-        length: int,
-    ) -> None:
-        self._owner = owner
-        self._origin = origin
-        self._conn = conn
-        self._resp = resp
-        self._remaining = length
-
-    def readinto(self, buffer: memoryview) -> int:
-        if self._remaining <= 0 or not len(buffer):
-            return 0
-        try:
-            count = self._resp.readinto(buffer)
-        except (OSError, http.client.HTTPException) as exc:
-            self._owner._drop(self._origin, self._conn)
-            raise StorageUnavailable(f"s3 connection failed while reading ({type(exc).__name__})") from None
-        if not count:
-            self._owner._drop(self._origin, self._conn)
-            raise StorageUnavailable(
-                f"s3 closed the connection with {self._remaining} bytes of the range unread"
-            )
-        self._remaining -= count
-        return count
-
-    def close(self) -> None:
-        if not self._resp.isclosed():
-            self._owner._drop(self._origin, self._conn)
-
-
 class S3Storage(Storage):
     """An S3 bucket. Thread-safe: one boto3 client per storage, one HTTP connection per
     worker thread."""
@@ -247,10 +186,8 @@ class S3Storage(Storage):
         self._bucket = str(config.get("bucket") or "").strip()
         self._lock = threading.Lock()
         self._client_instance: S3Client | None = None
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ranged: RangedHttp | None = None
         self._presigned: dict[str, tuple[float, str]] = {}
-        self._local = _Connections()
-        self._all_connections: set[http.client.HTTPConnection] = set()
 
     # --- contract ---------------------------------------------------------------------
 
@@ -291,51 +228,26 @@ class S3Storage(Storage):
             raise StorageNotFound(f"nothing found in s3 bucket '{bucket}' at '{key}'")
         return Plan(blobs=tuple(blobs), single_object=False)
 
-    def open_range(self, blob: Blob, start: int, end: int) -> _RangeStream:
-        """GET bytes ``[start, end)`` of ``blob`` with a presigned URL. Accepts 206 and
-        200 with a matching Content-Range (and a plain 200 for the whole object);
-        checks the range start, Content-Length and the object's total size."""
+    def open_range(self, blob: Blob, start: int, end: int) -> ByteStream:
+        """GET bytes ``[start, end)`` of ``blob`` with a presigned URL over the shared
+        lean byte path (``puller.storage.ranged_http``)."""
         bucket = self._require_bucket()
-        url = urllib.parse.urlsplit(self._presigned_url(bucket, blob.name))
-        origin = (url.scheme, url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
-        target = url.path + (f"?{url.query}" if url.query else "")
-        headers = {"Range": f"bytes={start}-{end - 1}"}
-        conn, reused = self._connection(origin)
-        try:
-            resp = self._get(conn, target, headers)
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop(origin, conn)
-            if not reused or isinstance(exc, ssl.SSLCertVerificationError):
-                raise _connection_error(exc, bucket, blob.name) from None
-            # the server may have closed an idle keep-alive connection: one fresh try
-            conn, _ = self._connection(origin)
-            try:
-                resp = self._get(conn, target, headers)
-            except (OSError, http.client.HTTPException) as again:
-                self._drop(origin, conn)
-                raise _connection_error(again, bucket, blob.name) from None
-        try:
-            self._check_response(resp, blob, bucket, start, end)
-        except BaseException:
-            self._drop(origin, conn)
-            raise
-        return _RangeStream(self, origin, conn, resp, end - start)
-
-    @staticmethod
-    def _get(
-        conn: http.client.HTTPConnection, target: str, headers: dict[str, str]
-    ) -> http.client.HTTPResponse:
-        conn.request("GET", target, headers=headers)
-        return conn.getresponse()
+        return self._http().get_range(
+            self._presigned_url(bucket, blob.name),
+            blob,
+            start,
+            end,
+            where=f"s3 bucket '{bucket}' at '{blob.name}'",
+            error_for_status=lambda status, body: _http_error(status, body, bucket=bucket, key=blob.name),
+        )
 
     def close(self) -> None:
         with self._lock:
-            connections = list(self._all_connections)
-            self._all_connections.clear()
             self._presigned.clear()
             client, self._client_instance = self._client_instance, None
-        for conn in connections:
-            conn.close()
+            http, self._ranged = self._ranged, None
+        if http is not None:
+            http.close()
         if client is not None:
             client.close()
 
@@ -433,76 +345,9 @@ class S3Storage(Storage):
 
     # --- the byte path -------------------------------------------------------------------
 
-    def _context(self) -> ssl.SSLContext:
+    def _http(self) -> RangedHttp:
         with self._lock:
-            if self._ssl_context is None:
+            if self._ranged is None:
                 pem = str(self.config.get("certificate") or "").strip()
-                try:
-                    self._ssl_context = (
-                        ssl.create_default_context(cadata=pem) if pem else ssl.create_default_context()
-                    )
-                except ssl.SSLError:
-                    raise StorageConfigError(
-                        "s3 storage config: 'certificate' is not a valid PEM CA bundle"
-                    ) from None
-            return self._ssl_context
-
-    def _connection(self, origin: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection to ``origin`` and whether it served a request before."""
-        conn = self._local.by_origin.get(origin)
-        if conn is not None:
-            return conn, True
-        scheme, host, port = origin
-        timeout = self.settings.pull_timeout_seconds
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._context())
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        self._local.by_origin[origin] = conn
-        with self._lock:
-            self._all_connections.add(conn)
-        return conn, False
-
-    def _drop(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
-        """Close ``conn`` and forget it (it is in an unknown state)."""
-        conn.close()
-        if self._local.by_origin.get(origin) is conn:
-            del self._local.by_origin[origin]
-        with self._lock:
-            self._all_connections.discard(conn)
-
-    @staticmethod
-    def _check_response(
-        resp: http.client.HTTPResponse, blob: Blob, bucket: str, start: int, end: int
-    ) -> None:
-        status = resp.status
-        if status not in (200, 206):
-            try:
-                body = resp.read(_ERROR_BODY_LIMIT)
-            except (OSError, http.client.HTTPException):
-                body = b""
-            raise _http_error(status, body, bucket=bucket, key=blob.name)
-        where = f"s3 bucket '{bucket}' at '{blob.name}'"
-        content_range = resp.getheader("Content-Range")
-        if content_range:
-            found = _CONTENT_RANGE.match(content_range)
-            if found is None:
-                raise StorageUnavailable(f"s3 sent an unreadable Content-Range for {where}")
-            first, last, total = int(found.group(1)), int(found.group(2)), found.group(3)
-            if total != "*" and int(total) != blob.size:
-                raise IntegrityError(
-                    f"{where} has {total} bytes now, {blob.size} when it was listed (it changed)"
-                )
-            if first != start or last != end - 1:
-                raise StorageUnavailable(
-                    f"s3 sent bytes {first}-{last} of {where}, bytes {start}-{end - 1} were asked"
-                )
-        elif status == 206:
-            raise StorageUnavailable(f"s3 sent a partial answer without Content-Range for {where}")
-        elif start != 0 or end != blob.size:
-            raise StorageError(f"s3 ignored the byte range asked for {where}")
-        length = resp.getheader("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) != end - start:
-            raise StorageUnavailable(
-                f"s3 announced {length} bytes for bytes {start}-{end - 1} of {where} ({end - start} asked)"
-            )
+                self._ranged = RangedHttp(self.settings, "s3", cadata=pem or None)
+            return self._ranged
