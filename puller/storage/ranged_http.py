@@ -344,8 +344,8 @@ class RangedHttp:
         self,
         resp: http.client.HTTPResponse,
         blob: Blob,
-        start: int,
-        end: int,
+        span: tuple[int, int],
+        *,
         where: str,
         error_for_status: ErrorForStatus,
     ) -> None:
