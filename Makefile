@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 # requirements, so a fresh clone reuses them and a fresh machine builds them once.
 runtimes: venv
 	$(BIN)/python -m tests.servers.venvs mlserver
+	$(BIN)/python -m tests.servers.azurite install
 
 protos: venv
 	$(BIN)/python -m protos.generate
