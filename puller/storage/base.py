@@ -36,6 +36,8 @@ class Blob:
     validates it: no absolute names, no ``..``). ``checksums`` maps an algorithm
     (``md5``, ``sha256``, ``crc32c``) to the hex digest the store announces; ``version``
     is what identifies these exact bytes (ETag, generation, version id), if known.
+    ``ranged`` is False when the store cannot serve byte ranges of this blob: the
+    engine then reads it as one stream.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Blob:
     size: int
     version: str | None = None
     checksums: Mapping[str, str] = field(default_factory=dict)
+    ranged: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def open_range(self, blob: Blob, start: int, end: int) -> ByteStream:
         """Open bytes ``[start, end)`` of ``blob`` for reading. Blocking."""
+
+    def object_path(self, path: str) -> str:
+        """The part of a model path that names the object, for the local file name
+        (HTTP drops the query string, which may carry a token). Default: the path."""
+        return path
 
     def local_path(self, path: str) -> str | None:
         """For backends whose models are already on a local filesystem (pvc): the

@@ -208,7 +208,8 @@ class RangedHttp:
                     ) from None
                 if self._client_cert is not None:
                     try:
-                        context.load_cert_chain(*self._client_cert)
+                        # an encrypted key must fail here, not prompt for a password
+                        context.load_cert_chain(*self._client_cert, password=lambda: b"")
                     except (ssl.SSLError, OSError):
                         raise StorageConfigError(
                             f"{self.label} storage config: the client certificate or key is not valid PEM"
