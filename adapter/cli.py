@@ -64,6 +64,11 @@ async def run(settings: Settings, runtime: str) -> None:
         puller = Puller(settings)
         await asyncio.to_thread(puller.start)
     await plugin.start()
+    if settings.metrics_port > 0:
+        from puller.metrics import start_metrics_server
+
+        metrics_port = start_metrics_server(settings.metrics_port, settings.adapter_host)
+        log.info("metrics served", port=metrics_port, path="/metrics")
     server = AdapterServer(settings, ModelFlow(settings, plugin, puller))
 
     async def stop() -> None:

@@ -75,6 +75,11 @@ async def _serve(settings: Settings) -> None:
 
     puller = Puller(settings)
     await asyncio.to_thread(puller.start)
+    if settings.metrics_port > 0:
+        from puller.metrics import start_metrics_server
+
+        metrics_port = start_metrics_server(settings.metrics_port, settings.adapter_host)
+        log.info("metrics served", port=metrics_port, path="/metrics")
     server = PullerServer(settings, puller)
 
     async def stop() -> None:

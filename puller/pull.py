@@ -11,6 +11,29 @@ directory is complete or absent. Layout inside it (the contract's section 4)::
 
 A ``pvc`` model (any backend with ``links_in_place``) is not copied: its location is a
 symbolic link to the file or folder on the mounted claim.
+
+Archives: when the model path names one object that is an archive (``.tar``,
+``.tar.gz``/``.tgz``, ``.zip``), it is unpacked in place, unless the storage config
+entry says ``"unpack": false``. The model is then the folder
+``ROOT_MODEL_DIR/<model_id>/<basename without the archive suffix>`` holding the
+archive's top level (so ``model-settings.json`` at the top of ``mnist.tar.gz`` is at
+``<model_id>/mnist/model-settings.json``); when the archive's only top-level entry is a
+folder of that same name (``tar czf mnist.tar.gz mnist/``) that folder is the model, so
+the path never reads ``mnist/mnist``. Its size on disk is the bytes unpacked, at most
+``ARCHIVE_MAX_BYTES``; the archive file itself is not kept in the model directory.
+
+Content cache (``CACHE_MAX_BYTES`` > 0, :mod:`puller.cache`): the listing always goes
+to the store, so a changed object is seen; each listed blob whose (storage identity,
+name, version) is cached is hard-linked into the staging directory instead of
+fetched, and the blobs fetched are added to the cache once the fetch succeeded. For an
+archive the cache holds the archive blob, not the unpacked tree: a cached reload skips
+the network but unpacks again (the tree is then private to the model, so a runtime
+writing into it cannot touch another model's files). ``pull_into`` (a destination
+outside ROOT_MODEL_DIR) does not use the cache.
+
+Observability: one ``model pulled`` log line per pull (bytes fetched, files, seconds,
+MB/s, cache hits and bytes served from the cache), ``pull progress`` lines every few
+seconds while bytes are fetched, and the Prometheus metrics of :mod:`puller.metrics`.
 """
 
 from __future__ import annotations
@@ -22,27 +45,38 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 
-from adapter.errors import InvalidRequest, SidecarError, StorageConfigError, StorageError, StorageNotFound
+from adapter.errors import (
+    InvalidRequest,
+    SidecarError,
+    StorageConfigError,
+    StorageError,
+    StorageNotFound,
+    UnsafePath,
+)
 from adapter.settings import Settings
-from puller.config import StorageConfigDirectory, resolve_storage
+from puller.archive import is_archive, unpack_archive
+from puller.cache import Checkout, ContentCache
+from puller.config import StorageConfig, StorageConfigDirectory, resolve_storage
 from puller.engine import FetchStats, PullEngine
+from puller.metrics import UNKNOWN_BACKEND, PullMetrics, PullProgress, default_metrics
 from puller.model_key import ModelKey, validate_model_id
 from puller.placement import (
     place_atomically,
     remove_tree,
+    safe_join,
     safe_relpath,
     staging_dir,
     staging_root,
     sweep_staging,
 )
 from puller.request import LocalModel, PullRequest
-from puller.storage.base import Plan, Storage
+from puller.storage.base import Blob, Plan, Storage
 from puller.storage.registry import StorageRegistry, known_types
 
 log = structlog.get_logger(__name__)
@@ -55,6 +89,12 @@ DEFAULT_MODEL_NAME = "_model"
 SCHEMA_FILE_NAME = "_schema.json"
 #: how long predict_size may wait for a listing
 PREDICT_BUDGET_SECONDS = 0.4
+#: seconds between two progress lines of a running fetch
+PROGRESS_INTERVAL_SECONDS = 5.0
+#: archive suffixes removed from the name of an unpacked model, longest first
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+#: values of a storage config's ``unpack`` field that turn unpacking off
+_NO = frozenset({"false", "0", "no", "off"})
 
 
 def local_model_name(model_path: str) -> str:
@@ -65,6 +105,54 @@ def local_model_name(model_path: str) -> str:
     if not trimmed:
         return DEFAULT_MODEL_NAME
     return safe_relpath(trimmed.rsplit("/", 1)[-1])
+
+
+def archive_model_name(archive_name: str) -> str:
+    """The local name of the folder an archive unpacks to: ``archive_name`` without
+    its archive suffix (``mnist.tar.gz`` -> ``mnist``), or without its last extension
+    for another kind of archive; ``_model`` when nothing would be left or the name
+    would be the schema's."""
+    lowered = archive_name.lower()
+    stem = next(
+        (archive_name[: -len(sfx)] for sfx in ARCHIVE_SUFFIXES if lowered.endswith(sfx)),
+        archive_name.rsplit(".", 1)[0] if "." in archive_name else "",
+    )
+    if stem in ("", ".", "..", SCHEMA_FILE_NAME):
+        return DEFAULT_MODEL_NAME
+    return stem
+
+
+def unpack_enabled(config: StorageConfig) -> bool:
+    """False when the storage config entry says ``"unpack": false`` (or ``"false"``,
+    ``"0"``, ``"no"``, ``"off"``); archives are unpacked otherwise."""
+    value = config.get("unpack")
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in _NO
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a model lands in its staging folder: the blobs (relpaths below the model
+    directory), the model's own bytes, and, for an archive to unpack, the relpath of
+    the archive file and the name of the folder it unpacks to."""
+
+    plan: Plan
+    model_bytes: int
+    archive: str | None = None
+    unpack_to: str = ""
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """What filling a staging folder did: the engine's figures (bytes from the store)
+    and the blobs served from the cache."""
+
+    stats: FetchStats
+    cache_hits: int = 0
+    cache_bytes: int = 0
 
 
 async def _run_to_end(future: Awaitable[T], on_cancel: Callable[[], None] | None = None) -> T:
@@ -114,9 +202,14 @@ class Puller:
         *,
         registry: StorageRegistry | None = None,
         engine: PullEngine | None = None,
+        metrics: PullMetrics | None = None,
+        progress_interval: float = PROGRESS_INTERVAL_SECONDS,
     ) -> None:
         """``configs``, ``registry`` and ``engine`` default to new ones built from
-        ``settings``; ones passed in stay the caller's to start and stop."""
+        ``settings``; ones passed in stay the caller's to start and stop. ``metrics``
+        defaults to the process-wide :func:`~puller.metrics.default_metrics`. With
+        ``settings.cache_max_bytes`` > 0 the content cache is on (opened by
+        :meth:`start`)."""
         self.settings = settings
         self.root = Path(settings.root_model_dir)
         self._owns_configs = configs is None
@@ -125,12 +218,21 @@ class Puller:
         self.registry = registry if registry is not None else StorageRegistry()
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else PullEngine(settings)
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.progress_interval = progress_interval
+        self.cache = (
+            ContentCache(self.root, settings.cache_max_bytes, metrics=self.metrics)
+            if settings.cache_max_bytes > 0
+            else None
+        )
 
     # --- life cycle -----------------------------------------------------------------
 
     def start(self) -> None:
         """Create ROOT_MODEL_DIR when missing, remove leftovers of interrupted pulls
-        (``_tmp``), and start watching the storage config (when it is ours)."""
+        (``_tmp``), open the content cache when it is on (sweeping its half-written
+        entries and rebuilding its index), and start watching the storage config (when
+        it is ours)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -138,6 +240,8 @@ class Puller:
         leftovers = sweep_staging(self.root)
         if leftovers:
             log.info("removed leftovers of interrupted pulls", count=len(leftovers))
+        if self.cache is not None:
+            self.cache.open()
         if self._owns_configs:
             self.configs.start()
 
@@ -158,22 +262,28 @@ class Puller:
 
     # --- pull -----------------------------------------------------------------------
 
+    def _config_for(self, key: ModelKey) -> StorageConfig:
+        """The storage config ``key`` resolves to (``StorageConfigError`` if none)."""
+        return resolve_storage(key, self.configs, known_types())
+
     def _storage_for(self, key: ModelKey) -> Storage:
-        config = resolve_storage(key, self.configs, known_types())
-        return self.registry.get(config, self.settings)
+        """The backend for ``key``'s storage config."""
+        return self.registry.get(self._config_for(key), self.settings)
 
     async def pull(self, request: PullRequest) -> LocalModel:
         """Fetch the model of ``request`` to ``ROOT_MODEL_DIR/<model_id>``.
 
         On return the model directory is complete: the model at
         ``<model_id>/<basename(model_path)>`` (a file for a single object, a folder for
-        a prefix, a link for a ``pvc``) and the schema at ``<model_id>/_schema.json``
-        when the key names one; an older directory of the same id was replaced. On any
+        a prefix, a link for a ``pvc``; for an archive, the folder it unpacked to, see
+        the module's notes) and the schema at ``<model_id>/_schema.json`` when the key
+        names one; an older directory of the same id was replaced. On any
         error or cancellation no staging directory is left and the model directory is
         as it was before (absent, normally); worker threads have stopped before this
         returns or raises. Errors are :mod:`adapter.errors` types (``InvalidModelId``,
-        ``UnsafePath`` for an object key leading outside the model, ``StorageConfigError``,
-        ``StorageNotFound``...).
+        ``UnsafePath`` for an object key or archive entry leading outside the model,
+        ``StorageConfigError``, ``StorageNotFound``, ``ArchiveTooLarge`` and
+        ``BadArchive`` from :mod:`puller.archive`...).
         """
         model_id = validate_model_id(request.model_id)
         key = request.model_key
@@ -211,29 +321,35 @@ class Puller:
     ) -> tuple[str, int, FetchStats]:
         """Stage the model (and schema) of ``key``/``model_path`` and rename the staging
         folder to ``target``. Returns the model's local name, its bytes on disk and the
-        fetch figures."""
-        local_name = local_model_name(model_path)
-        storage = await asyncio.to_thread(self._storage_for, key)
+        fetch figures. Records the pull in the metrics (a failure by its error class;
+        a cancellation is not a failure)."""
+        backend = UNKNOWN_BACKEND
         started = time.monotonic()
-        # one mkdir, in the loop: a cancellation cannot lose track of the directory
-        staging = staging_dir(self.root, label, parent=parent)
         try:
-            if storage.links_in_place:
-                size = await _run_to_end(
-                    asyncio.to_thread(
-                        self._link_in_place, storage, model_path, key.schema_path, staging.path, local_name
-                    )
+            config = await asyncio.to_thread(self._config_for, key)
+            backend = config.type
+            storage = await asyncio.to_thread(self.registry.get, config, self.settings)
+            # named after the object, not the whole path: a query string may hold a token
+            local_name = local_model_name(storage.object_path(model_path))
+            use_cache = self.cache is not None and self.cache.is_open and parent is None
+            # one mkdir, in the loop: a cancellation cannot lose track of the directory
+            staging = staging_dir(self.root, label, parent=parent)
+            try:
+                fetched, local_name, size = await self._stage(
+                    storage, key, model_path, local_name, staging.path, use_cache=use_cache
                 )
-                stats = FetchStats(bytes=0, files=0, seconds=time.monotonic() - started)
-            else:
-                plan, size = await self._plan(storage, model_path, key.schema_path, local_name)
-                stats = await self._fetch(storage, plan, staging.path)
-            # renames only (no await): a cancellation cannot land between them
-            place_atomically(staging.path, target)
-        except BaseException:
-            await _run_to_end(asyncio.to_thread(staging.remove))
+                # renames only (no await): a cancellation cannot land between them
+                place_atomically(staging.path, target)
+            except BaseException:
+                await _run_to_end(asyncio.to_thread(staging.remove))
+                raise
+        except Exception as exc:
+            self.metrics.pull_failed(backend, exc)
             raise
         seconds = time.monotonic() - started
+        stats = fetched.stats
+        self.metrics.pull_succeeded(backend, seconds, stats.bytes)
+        self.metrics.cache_served(fetched.cache_hits, fetched.cache_bytes)
         log.info(
             "model pulled",
             storage=storage.identity(),
@@ -241,26 +357,64 @@ class Puller:
             files=stats.files,
             seconds=round(seconds, 3),
             mb_per_s=round(stats.bytes / 1e6 / seconds, 1) if seconds > 0 else 0.0,
+            cache_hits=fetched.cache_hits,
+            bytes_from_cache=fetched.cache_bytes,
             linked=storage.links_in_place,
         )
         return local_name, size, FetchStats(bytes=stats.bytes, files=stats.files, seconds=seconds)
 
+    async def _stage(
+        self,
+        storage: Storage,
+        key: ModelKey,
+        model_path: str,
+        local_name: str,
+        staging: Path,
+        *,
+        use_cache: bool,
+    ) -> tuple[_Fetched, str, int]:
+        """Fill ``staging`` with the model directory. Returns what the fill did, the
+        model's local name (an archive's is the folder it unpacked to) and the
+        model's bytes on disk."""
+        if storage.links_in_place:
+            started = time.monotonic()
+            size = await _run_to_end(
+                asyncio.to_thread(
+                    self._link_in_place, storage, model_path, key.schema_path, staging, local_name
+                )
+            )
+            return (
+                _Fetched(FetchStats(bytes=0, files=0, seconds=time.monotonic() - started)),
+                local_name,
+                size,
+            )
+        layout = await self._plan(storage, model_path, key.schema_path, local_name)
+        fetched = await self._fill(storage, layout.plan, staging, use_cache=use_cache)
+        if layout.archive is None:
+            return fetched, local_name, layout.model_bytes
+        size = await self._unpack(staging / layout.archive, staging / layout.unpack_to)
+        return fetched, layout.unpack_to, size
+
     async def _plan(
         self, storage: Storage, model_path: str, schema_path: str | None, local_name: str
-    ) -> tuple[Plan, int]:
+    ) -> _Layout:
         """One plan for the model and its schema, relpaths below the model directory,
-        every name checked; and the model's own byte count."""
+        every name checked; the model's own byte count; and whether the model is an
+        archive to unpack."""
         plan = await asyncio.to_thread(storage.plan, model_path)
-        if plan.kind != "files":
+        if plan.kind not in ("files", "archive"):
             raise StorageError(
                 f"the store gave a plan of kind '{plan.kind}', which this puller cannot lay out yet"
             )
-        if plan.single_object:
+        archive: str | None = None
+        if plan.single_object or plan.kind == "archive":
             if len(plan.blobs) != 1:
                 raise StorageError(
                     f"the store listed {len(plan.blobs)} objects for the single object '{model_path}'"
                 )
             blobs = [replace(plan.blobs[0], relpath=local_name)]
+            if unpack_enabled(storage.config) and (plan.kind == "archive" or is_archive(local_name)):
+                archive = local_name
         else:
             blobs = [replace(b, relpath=f"{local_name}/{safe_relpath(b.relpath)}") for b in plan.blobs]
         size = sum(b.size for b in blobs)
@@ -269,15 +423,80 @@ class Puller:
             if not schema.single_object or len(schema.blobs) != 1:
                 raise StorageNotFound(f"schema_path '{schema_path}' names a folder, not a file")
             blobs.append(replace(schema.blobs[0], relpath=SCHEMA_FILE_NAME))
-        return Plan(blobs=tuple(blobs), single_object=False, kind=plan.kind), size
+        return _Layout(
+            plan=Plan(blobs=tuple(blobs), single_object=False, kind="files"),
+            model_bytes=size,
+            archive=archive,
+            unpack_to=archive_model_name(archive) if archive is not None else "",
+        )
+
+    async def _fill(self, storage: Storage, plan: Plan, dest: Path, *, use_cache: bool) -> _Fetched:
+        """Put every blob of ``plan`` at ``dest/<relpath>``: from the content cache
+        when ``use_cache`` and it holds the blob, from the store otherwise; then add
+        the blobs fetched to the cache and evict what is over its cap."""
+        cache = self.cache if use_cache else None
+        if cache is None:
+            return _Fetched(await self._fetch(storage, plan, dest))
+        identity = storage.identity()
+        placements = _placements(plan, dest)  # every name checked before anything is written
+        checkout: Checkout = await _run_to_end(asyncio.to_thread(cache.checkout, identity, placements))
+        if checkout.misses:
+            missing = Plan(blobs=tuple(checkout.misses), single_object=False, kind=plan.kind)
+            stats = await self._fetch(storage, missing, dest)
+            where = {blob.relpath: path for blob, path in placements}
+            fetched = [(blob, where[blob.relpath]) for blob in checkout.misses]
+        else:
+            stats = FetchStats(bytes=0, files=0, seconds=0.0)
+            fetched = []
+
+        def admit_then_evict() -> None:
+            # the model's files are still linked from the staging folder: never evicted
+            cache.admit(identity, fetched)
+            cache.evict()
+
+        await _run_to_end(asyncio.to_thread(admit_then_evict))
+        return _Fetched(stats, cache_hits=len(checkout.hits), cache_bytes=checkout.hit_bytes)
 
     async def _fetch(self, storage: Storage, plan: Plan, dest: Path) -> FetchStats:
-        """Run the engine in a thread; on cancellation stop it and wait until every
-        worker has stopped before re-raising."""
+        """Run the engine in a thread, logging progress every ``progress_interval``
+        seconds; on cancellation stop it and wait until every worker has stopped
+        before re-raising."""
         cancel = threading.Event()
-        return await _run_to_end(
-            asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel), on_cancel=cancel.set
-        )
+        progress = PullProgress(plan.total_bytes)
+        reporter = asyncio.create_task(progress.report_every(self.progress_interval))
+        try:
+            return await _run_to_end(
+                asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel, progress=progress.add),
+                on_cancel=cancel.set,
+            )
+        finally:
+            reporter.cancel()
+
+    async def _unpack(self, archive: Path, dest: Path) -> int:
+        """Unpack ``archive`` (in the staging folder) into ``dest``, then delete the
+        archive file; when the archive's only top-level entry is a folder named like
+        ``dest``, that folder becomes ``dest``. Returns the bytes unpacked. On error or
+        cancellation the caller removes the staging folder."""
+        cancel = threading.Event()
+        max_bytes = self.settings.archive_max_bytes
+
+        def unpack() -> int:
+            unpacked = unpack_archive(archive, dest, max_bytes=max_bytes, cancel=cancel)
+            try:
+                archive.unlink()
+                entries = list(dest.iterdir())
+                only = entries[0] if len(entries) == 1 else None
+                if only is not None and only.name == dest.name and only.is_dir() and not only.is_symlink():
+                    only.rename(archive)  # the archive's name is free again
+                    dest.rmdir()
+                    archive.rename(dest)
+                    # one level up, a link to ".." would now lead above the model
+                    _check_links_inside(dest)
+            except OSError as exc:
+                raise StorageError(f"cannot lay out the unpacked archive at {dest}: {exc.strerror}") from exc
+            return unpacked
+
+        return await _run_to_end(asyncio.to_thread(unpack), on_cancel=cancel.set)
 
     @staticmethod
     def _link_in_place(
@@ -341,7 +560,9 @@ class Puller:
     def purge(self) -> list[str]:
         """Remove every entry of ROOT_MODEL_DIR whose name does not start with ``_``
         (models of a previous life) and everything under ``_tmp``; return the names of
-        the entries removed. Blocking: run it in a thread."""
+        the entries removed. The content cache (``_cache``) stays: its entries are
+        now unused and evictable, and serve the next pulls. Blocking: run it in a
+        thread."""
         removed: list[str] = []
         try:
             entries = sorted(self.root.iterdir())
@@ -354,6 +575,32 @@ class Puller:
             removed.append(entry.name)
         sweep_staging(self.root)
         return removed
+
+
+def _check_links_inside(top: Path) -> None:
+    """Raise ``UnsafePath`` when a symbolic link below ``top`` resolves outside it."""
+    real_top = os.path.realpath(top)
+    for folder, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            path = Path(folder) / name
+            if path.is_symlink():
+                real = os.path.realpath(path)
+                if real != real_top and not real.startswith(real_top + os.sep):
+                    raise UnsafePath(f"the archive's link '{path.relative_to(top)}' leads outside the model")
+
+
+def _placements(plan: Plan, dest: Path) -> list[tuple[Blob, Path]]:
+    """Every blob of ``plan`` with its file below ``dest``, all names checked
+    (``UnsafePath``) and no two blobs on one file (``StorageError``)."""
+    placements = [(blob, safe_join(dest, blob.relpath)) for blob in plan.blobs]
+    seen: set[Path] = set()
+    for blob, path in placements:
+        if path in seen:
+            raise StorageError(
+                f"two objects land on the same file '{path.relative_to(dest)}' (from '{blob.name}')"
+            )
+        seen.add(path)
+    return placements
 
 
 def _prepare_destination(dest: Path) -> Path:

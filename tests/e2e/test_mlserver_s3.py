@@ -19,10 +19,12 @@ from protos.mmesh import model_runtime_pb2 as pb
 from tests.servers.adapter import MeshClient, SidecarProcess
 from tests.servers.mlserver import MLServerProcess
 from tests.servers.models import IRIS_EXPECTED, IRIS_SAMPLE
+from tests.servers.process import free_port
 from tests.servers.s3 import MotoS3Server
 
 pytestmark = pytest.mark.integration
 
+METRICS_PORT = free_port()
 ACCESS_KEY = "AKIAE2ETESTKEY000001"
 SECRET_KEY = "e2e-secret-key-must-never-be-logged-0123"
 
@@ -108,7 +110,7 @@ def sidecar(
     (mlserver_root / "_mlserver_models" / "stale-model").mkdir(parents=True, exist_ok=True)
     adapter = SidecarProcess.adapter(
         "mlserver",
-        adapter_env(mlserver_root, mlserver.grpc_port, storage_config),
+        adapter_env(mlserver_root, mlserver.grpc_port, storage_config, METRICS_PORT=str(METRICS_PORT)),
         tmp_path_factory.mktemp("logs") / "adapter.log",
     )
     adapter.start()
@@ -307,3 +309,21 @@ def test_status_before_and_after_the_runtime_is_up(
         client.close()
         adapter.stop()
         runtime.stop()
+
+
+def test_pull_metrics_are_served(sidecar):
+    """After the loads above, the Prometheus endpoint shows S3 pulls and failures."""
+    import urllib.request
+
+    client, _ = sidecar
+    client.wait_ready()
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pulled = [
+        line
+        for line in text.splitlines()
+        if line.startswith('modelmesh_puller_pulled_bytes_total{backend="s3"}')
+    ]
+    assert pulled and float(pulled[0].split()[-1]) > 0
+    assert "modelmesh_puller_pull_failures_total" in text
+    assert "modelmesh_puller_pull_duration_seconds_bucket" in text

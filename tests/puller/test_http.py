@@ -303,11 +303,6 @@ def test_object_path_drops_the_query_and_decodes(make_storage: Any) -> None:
     assert storage.object_path("dir/a%20b.bin?sig=QSECRET#frag") == "dir/a b.bin"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="puller/pull.py names the local copy after the whole model path, query string "
-    "included; it should name it after HTTPStorage.object_path(model_path)",
-)
 def test_the_local_name_has_no_query_string(plain: FileServer, base: str, tmp_path: Path) -> None:
     plain.put(f"{base}/model.bin", b"x")
     model = pull(tmp_path, {"type": "http", "url": plain.base_url}, f"{base}/model.bin?sig=QSECRET")

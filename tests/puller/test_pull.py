@@ -4,11 +4,15 @@ moto), real files under ROOT_MODEL_DIR."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import tarfile
 import threading
 import time
+import zipfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,10 @@ from structlog.testing import capture_logs
 
 from adapter.errors import InvalidModelId, StorageConfigError, StorageNotFound, UnsafePath
 from adapter.settings import Settings
+from puller.archive import ArchiveTooLarge
 from puller.config import StorageConfig
 from puller.model_key import ModelKey
-from puller.pull import Puller, local_model_name
+from puller.pull import Puller, archive_model_name, local_model_name, unpack_enabled
 from puller.request import PullRequest
 from puller.storage.base import Blob, Plan, Storage
 from puller.storage.file import FileRange, FileStorage
@@ -403,3 +408,170 @@ async def test_pull_into_a_destination(puller: Puller, tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.parent.iterdir()) == ["dest"]
     with pytest.raises(Exception, match="not an empty folder"):
         await puller.pull_into(ModelKey(), "models/sk", dest)
+
+
+# --- archives ------------------------------------------------------------------------------
+
+ARCHIVED = {
+    "model-settings.json": b'{"implementation": "mlserver_sklearn.SKLearnModel"}',
+    "model.joblib": os.urandom(100_000),
+    "sub/notes.txt": b"notes",
+}
+
+
+def make_tar(path: Path, files: dict[str, bytes], *, prefix: str = "", mode: str = "w:gz") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as archive:  # type: ignore[call-overload]
+        for rel, data in files.items():
+            info = tarfile.TarInfo(prefix + rel)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_zip(path: Path, files: dict[str, bytes], *, prefix: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for rel, data in files.items():
+            archive.writestr(prefix + rel, data)
+    return path
+
+
+async def add_entry(puller: Puller, settings: Settings, name: str, entry: dict[str, Any]) -> None:
+    """Write a storage-config entry and wait (bounded) until the running puller sees it."""
+    (settings.storage_config_dir / name).write_text(json.dumps(entry))
+    deadline = time.monotonic() + 10
+    while puller.configs.lookup(name) != entry and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert puller.configs.lookup(name) == entry, "the storage config change was not seen"
+
+
+def model_dir_entries(settings: Settings, model_id: str) -> list[str]:
+    return sorted(p.name for p in (settings.root_model_dir / model_id).iterdir())
+
+
+async def test_a_tar_gz_is_unpacked_in_place(puller: Puller, settings: Settings, source: Path) -> None:
+    make_tar(source / "archives" / "mnist.tar.gz", ARCHIVED)
+    local = await puller.pull(request("tgz__isvc-21", "archives/mnist.tar.gz", schema_path="schemas/s.json"))
+    target = settings.root_model_dir / "tgz__isvc-21"
+    assert local.path == target / "mnist"
+    assert tree(local.path) == ARCHIVED
+    assert local.disk_size_bytes == sum(len(d) for d in ARCHIVED.values())
+    assert model_dir_entries(settings, "tgz__isvc-21") == ["_schema.json", "mnist"]
+    assert staging_leftovers(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"), [("mnist.tgz", "w:gz"), ("mnist.tar", "w"), ("MNIST.TAR.GZ", "w:gz")]
+)
+async def test_one_top_folder_named_like_the_archive_is_the_model(
+    puller: Puller, settings: Settings, source: Path, name: str, mode: str
+) -> None:
+    stem = name.split(".", maxsplit=1)[0]
+    make_tar(source / "archives" / name, ARCHIVED, prefix=f"{stem}/", mode=mode)
+    local = await puller.pull(request("top__isvc-22", f"archives/{name}"))
+    assert local.path == settings.root_model_dir / "top__isvc-22" / stem
+    assert tree(local.path) == ARCHIVED  # not mnist/mnist/...
+    assert model_dir_entries(settings, "top__isvc-22") == [stem]
+
+
+async def test_a_top_folder_of_another_name_is_kept(puller: Puller, settings: Settings, source: Path) -> None:
+    make_zip(source / "archives" / "model.zip", ARCHIVED, prefix="1/")
+    local = await puller.pull(request("zip__isvc-23", "archives/model.zip"))
+    assert local.path == settings.root_model_dir / "zip__isvc-23" / "model"
+    assert tree(local.path) == {f"1/{rel}": data for rel, data in ARCHIVED.items()}
+
+
+async def test_unpack_false_keeps_the_archive(puller: Puller, settings: Settings, source: Path) -> None:
+    archive = make_tar(source / "archives" / "keep.tar.gz", ARCHIVED)
+    for value in ("false", "False"):
+        local = await puller.pull(
+            request("keep__isvc-24", "archives/keep.tar.gz", storage_params={"unpack": value})
+        )
+        assert local.path == settings.root_model_dir / "keep__isvc-24" / "keep.tar.gz"
+        assert local.path.read_bytes() == archive.read_bytes()
+        assert local.disk_size_bytes == archive.stat().st_size
+
+    await add_entry(puller, settings, "packed", {"type": "file", "root": str(source), "unpack": False})
+    local = await puller.pull(request("keep__isvc-25", "archives/keep.tar.gz", storage_key="packed"))
+    assert local.path.is_file()
+
+
+async def test_an_archive_over_the_cap_leaves_nothing(
+    tmp_path: Path, settings: Settings, source: Path
+) -> None:
+    make_tar(source / "archives" / "bomb.tar.gz", {"zeros": bytes(200_000)})
+    capped = Puller(replace(settings, archive_max_bytes=100_000))
+    await asyncio.to_thread(capped.start)
+    try:
+        with pytest.raises(ArchiveTooLarge, match="ARCHIVE_MAX_BYTES"):
+            await capped.pull(request("bomb__isvc-26", "archives/bomb.tar.gz"))
+    finally:
+        await asyncio.to_thread(capped.close)
+    assert not (settings.root_model_dir / "bomb__isvc-26").exists()
+    assert staging_leftovers(settings) == []
+
+
+async def test_an_unsafe_archive_leaves_nothing(puller: Puller, settings: Settings, source: Path) -> None:
+    make_tar(source / "archives" / "evil.tar.gz", {"ok.txt": b"ok", "../../escaped.txt": b"x"})
+    with pytest.raises(UnsafePath):
+        await puller.pull(request("evil__isvc-27", "archives/evil.tar.gz"))
+    assert not (settings.root_model_dir / "evil__isvc-27").exists()
+    assert not list(settings.root_model_dir.parent.rglob("escaped.txt"))
+    assert staging_leftovers(settings) == []
+
+
+async def test_a_link_to_the_top_folder_is_refused_after_hoisting(
+    puller: Puller, settings: Settings, source: Path
+) -> None:
+    path = source / "archives" / "m.tar"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        folder = tarfile.TarInfo("m")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        up = tarfile.TarInfo("m/up")
+        up.type = tarfile.SYMTYPE
+        up.linkname = ".."
+        archive.addfile(up)
+    with pytest.raises(UnsafePath, match="link 'up' leads outside"):
+        await puller.pull(request("up__isvc-28", "archives/m.tar"))
+    assert not (settings.root_model_dir / "up__isvc-28").exists()
+    assert staging_leftovers(settings) == []
+
+
+@pytest.mark.integration
+async def test_a_zip_on_s3_is_unpacked(
+    moto_s3: MotoS3Server, bucket: str, puller: Puller, settings: Settings, tmp_path: Path
+) -> None:
+    archive = make_zip(tmp_path / "iris.zip", ARCHIVED)
+    moto_s3.put_object(bucket, "zips/iris.zip", archive.read_bytes())
+    await add_entry(
+        puller,
+        settings,
+        "s3",
+        {
+            "type": "s3",
+            "endpoint_url": moto_s3.endpoint_url,
+            "access_key_id": "key-id",
+            "secret_access_key": "secret",
+            "bucket": bucket,
+        },
+    )
+    local = await puller.pull(request("iris__isvc-29", "zips/iris.zip", storage_key="s3"))
+    assert local.path == settings.root_model_dir / "iris__isvc-29" / "iris"
+    assert tree(local.path) == ARCHIVED
+    assert local.disk_size_bytes == sum(len(d) for d in ARCHIVED.values())
+
+
+def test_archive_model_names_and_the_unpack_switch() -> None:
+    assert archive_model_name("mnist.tar.gz") == "mnist"
+    assert archive_model_name("mnist.TGZ") == "mnist"
+    assert archive_model_name("v1.2.tar") == "v1.2"
+    assert archive_model_name("m.zip") == "m"
+    assert archive_model_name(".zip") == "_model"
+    assert archive_model_name("_schema.json.zip") == "_model"
+    assert unpack_enabled(StorageConfig(type="s3"))
+    assert unpack_enabled(StorageConfig(type="s3", fields={"unpack": "true"}))
+    for off in (False, "false", "FALSE", "0", "no", "off"):
+        assert not unpack_enabled(StorageConfig(type="s3", fields={"unpack": off}))
