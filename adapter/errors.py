@@ -45,6 +45,17 @@ class ConfigurationError(SidecarError):
     """The process is configured wrongly (a bad env var, an unknown runtime)."""
 
 
+class ArchiveTooLarge(InvalidRequest):
+    """An archive would unpack to more than ``ARCHIVE_MAX_BYTES``, or holds more
+    entries than allowed (INVALID_ARGUMENT)."""
+
+
+class BadArchive(InvalidRequest):
+    """A file that should be an archive cannot be read as one: not a tar or zip,
+    truncated, corrupt (a CRC mismatch), encrypted, or entries that contradict each
+    other (INVALID_ARGUMENT)."""
+
+
 class StorageConfigError(SidecarError):
     """The storage configuration cannot serve this request (FAILED_PRECONDITION):
     an unknown storage_key, a config without a known type, a required field missing."""

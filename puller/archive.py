@@ -48,7 +48,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Protocol, cast
 
-from adapter.errors import DiskFull, InvalidRequest, SidecarError, StorageError, UnsafePath
+from adapter.errors import (
+    ArchiveTooLarge,
+    BadArchive,
+    DiskFull,
+    SidecarError,
+    StorageError,
+    UnsafePath,
+)
 from puller.engine import FetchCancelled
 from puller.placement import safe_join, safe_relpath
 
@@ -76,17 +83,6 @@ _READ_ERRORS = (
     ValueError,
     RecursionError,
 )
-
-
-class ArchiveTooLarge(InvalidRequest):
-    """An archive would unpack to more than ``ARCHIVE_MAX_BYTES``, or holds more
-    entries than allowed (INVALID_ARGUMENT)."""
-
-
-class BadArchive(InvalidRequest):
-    """A file that should be an archive cannot be read as one: not a tar or zip,
-    truncated, corrupt (a CRC mismatch), encrypted, or entries that contradict each
-    other (INVALID_ARGUMENT)."""
 
 
 def is_archive(name: str) -> str | None:

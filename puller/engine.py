@@ -13,16 +13,36 @@ the size the store announced. Transient errors (:class:`StorageUnavailable`) are
 retried per range with exponential backoff and jitter, resuming where the range
 stopped. ``ENOSPC`` becomes :class:`DiskFull`.
 
-Checksums: a :data:`VerifierFactory` may give a :class:`BlobVerifier` per blob; it is
-fed every chunk in order while streaming (no second pass over the data) and checked at
-the end. In-order feeding needs the whole blob in one range, so blobs with a verifier
-are verified only when they fit in one part; larger ones are checked by size only.
+Checksums (``Blob.checksums``) are verified while the bytes stream, over the buffer in
+hand; :func:`puller.checksums.choose_checksum` picks the cheapest announced one.
+
+- A **CRC** (crc32c, crc32) is computed per range and the ranges' CRCs are combined in
+  order when the last range is in. Parallel ranges stay free; nothing is read twice.
+- A **digest** (md5, sha256...) needs the bytes in order. A blob of at most
+  ``single_stream_hash_bytes`` (64 MiB by default) whose only checksum is a digest is
+  fetched as one stream and hashed chunk by chunk: no re-reading at all, and the other
+  blobs of the model keep the workers busy. A larger one keeps its parallel ranges and
+  is hashed along a *frontier*: the worker whose chunk starts exactly where the hash
+  stands feeds it from its buffer; a chunk that lands ahead of the frontier is written
+  and left, and when the frontier reaches bytes already written, the worker that moved
+  it there reads them back (``preadv`` into its buffer) from the page cache the write
+  just filled, until it catches up with a range still streaming, which then feeds its
+  own chunks again. This is the one case that cannot avoid a second read: a digest's
+  state cannot take bytes out of order, and holding early chunks in memory would cost
+  up to workers x part size. The read-back runs during the download, never as a pass
+  after it, touches memory rather than the disk, and costs a memcpy next to the digest
+  itself (10 GB/s against md5's 0.7).
+
+A blob whose checksum does not match is fetched again once, whole (its file emptied
+first), after the rest of the fetch is done; a second mismatch is an
+:class:`IntegrityError` naming the blob (a URL without its query or credentials). The
+caller removes its staging directory on that error, as on any other, so nothing is
+placed.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import threading
@@ -31,16 +51,27 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
 
 from adapter.errors import DiskFull, IntegrityError, SidecarError, StorageError, StorageUnavailable
 from adapter.settings import Settings
+from puller.checksums import FAST_CRC32C, Digest, ExpectedChecksum, choose_checksum, crc_hex
 from puller.placement import safe_join
 from puller.storage.base import Blob, Plan, Storage
+
+log = structlog.get_logger(__name__)
 
 #: bytes per worker buffer: big enough to amortise the syscalls, small enough to stay
 #: in cache
 BUFFER_BYTES = 128 * 1024
+
+#: a blob verified by a digest (md5, sha256) up to this size is fetched as one stream
+SINGLE_STREAM_HASH_BYTES = 64 * 1024 * 1024
+
+#: called with the byte count of every chunk written (see :meth:`PullEngine.fetch`)
+Progress = Callable[[int], None]
 
 _BACKOFF_BASE_SECONDS = 0.2
 _BACKOFF_CAP_SECONDS = 5.0
@@ -58,50 +89,6 @@ class ShortRead(StorageUnavailable):
     ends short the engine raises :class:`IntegrityError` instead."""
 
 
-class BlobVerifier(Protocol):
-    """Checks one blob's bytes while they stream by."""
-
-    def update(self, chunk: memoryview) -> None:
-        """Feed the next chunk (chunks arrive in order, from offset 0 to the end)."""
-
-    def verify(self) -> None:
-        """Raise :class:`IntegrityError` when the bytes fed do not match."""
-
-
-#: gives the verifier of a blob, or None when there is nothing to check
-VerifierFactory = Callable[[Blob], BlobVerifier | None]
-
-
-class HashlibVerifier:
-    """Compares a ``hashlib`` digest with the hex digest the store announced."""
-
-    def __init__(self, blob: Blob, algorithm: str, expected_hex: str) -> None:
-        self._name = blob.name
-        self._algorithm = algorithm
-        self._expected = expected_hex.lower()
-        self._hash = hashlib.new(algorithm)
-
-    def update(self, chunk: memoryview) -> None:
-        self._hash.update(chunk)
-
-    def verify(self) -> None:
-        actual = self._hash.hexdigest()
-        if actual != self._expected:
-            raise IntegrityError(
-                f"blob '{self._name}': {self._algorithm} is {actual}, the store announced {self._expected}"
-            )
-
-
-def checksum_verifier(blob: Blob) -> BlobVerifier | None:
-    """A :data:`VerifierFactory` checking the first ``hashlib`` algorithm found in
-    ``blob.checksums`` (sha256 preferred, then sha1, md5); None when there is none."""
-    for algorithm in ("sha256", "sha512", "sha1", "md5"):
-        expected = blob.checksums.get(algorithm)
-        if expected:
-            return HashlibVerifier(blob, algorithm, expected)
-    return None
-
-
 @dataclass(frozen=True)
 class FetchStats:
     """What one fetch moved: bytes written, files created, wall-clock seconds."""
@@ -115,33 +102,108 @@ class FetchStats:
         return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class _BlobState:
-    """One destination file and what its ranges have delivered so far."""
+def blob_label(blob: Blob) -> str:
+    """The blob's name for messages and logs: a URL loses its query, fragment and
+    user info (signatures, SAS tokens); any other name is kept as it is."""
+    name = blob.name
+    if "://" not in name:
+        return name
+    try:
+        parts = urlsplit(name)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    except ValueError:
+        return name.split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
-    blob: Blob
-    path: Path
-    verifier: BlobVerifier | None
-    remaining_ranges: int
-    written: int = 0
 
-
-@dataclass(frozen=True)
 class _Range:
-    state: _BlobState
-    start: int
-    end: int
+    """Bytes ``[start, end)`` of a blob; ``pos`` is the next byte still needed (every
+    byte before it is written), ``crc`` the CRC of ``[start, pos)``."""
+
+    __slots__ = ("crc", "end", "pos", "start", "state")
+
+    def __init__(self, state: _BlobState, start: int, end: int) -> None:
+        self.state = state
+        self.start = start
+        self.end = end
+        self.pos = start
+        self.crc = 0
+
+
+class _BlobState:
+    """One destination file, its ranges, and where its verification stands.
+
+    ``lock`` guards the counters and the digest frontier: ``hashed`` (bytes fed to the
+    digest so far, always a prefix of what is written) and ``hashing`` (a worker is
+    feeding it). Invariant while nobody is hashing: the byte at ``hashed`` is not
+    written yet (or the blob is fully hashed), so the worker that writes it is the one
+    that feeds it.
+    """
+
+    def __init__(self, blob: Blob, path: Path, expected: ExpectedChecksum | None, part_size: int) -> None:
+        self.blob = blob
+        self.path = path
+        self.label = blob_label(blob)
+        self.expected = expected
+        self.part_size = max(1, part_size)
+        self.lock = threading.Lock()
+        self.ranges: list[_Range] = []
+        self.remaining_ranges = 0
+        self.written = 0
+        self.digest: Digest | None = None
+        self.hashed = 0
+        self.hashing = False
+        self.checked = False
+        self.mismatch: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every byte: fresh ranges, counters and digest (before a re-fetch)."""
+        size = self.blob.size
+        if size == 0:
+            self.ranges = [_Range(self, 0, 0)]
+        else:
+            self.ranges = [
+                _Range(self, start, min(start + self.part_size, size))
+                for start in range(0, size, self.part_size)
+            ]
+        self.remaining_ranges = len(self.ranges)
+        self.written = 0
+        expected = self.expected
+        self.digest = expected.new_digest() if expected is not None and not expected.combinable else None
+        self.hashed = 0
+        self.hashing = False
+        self.checked = False
+        self.mismatch = None
+
+    def written_end(self) -> int:
+        """The end of the written bytes that start at ``hashed`` (``hashed`` itself
+        when the next byte is not written yet). Call with ``lock`` held."""
+        at = self.hashed
+        if at >= self.blob.size:
+            return at
+        return max(at, self.ranges[at // self.part_size].pos)
+
+    def record_mismatch(self, actual: str) -> None:
+        assert self.expected is not None
+        self.mismatch = (
+            f"blob '{self.label}': {self.expected.algorithm} is {actual}, "
+            f"the store announced {self.expected.hexdigest}"
+        )
 
 
 class _Job:
     """One call of :meth:`PullEngine.fetch`: its cancel event and its failure flag."""
 
-    def __init__(self, storage: Storage, cancel: threading.Event, closing: threading.Event) -> None:
+    def __init__(
+        self, storage: Storage, cancel: threading.Event, closing: threading.Event, progress: Progress | None
+    ) -> None:
         self.storage = storage
         self.cancel = cancel
         self.closing = closing
+        self.progress = progress
         self.failed = threading.Event()
-        self.lock = threading.Lock()
 
     def check(self) -> None:
         """Stop this worker when the fetch was cancelled, the engine is closing, or
@@ -172,21 +234,25 @@ class PullEngine:
     """Fetches plans over one shared pool of ``settings.pull_workers`` threads.
 
     Thread-safe: several fetches (different models) may run at once and share the pool.
-    Call :meth:`close` when done.
+    Call :meth:`close` when done. ``verify_checksums=False`` checks sizes only;
+    ``single_stream_hash_bytes`` is the size up to which a blob verified by a digest is
+    fetched as one stream (see the module docstring).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        verifier_for: VerifierFactory | None = None,
+        verify_checksums: bool = True,
+        single_stream_hash_bytes: int = SINGLE_STREAM_HASH_BYTES,
         buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
         self.part_bytes = settings.pull_part_bytes
         self.attempts = settings.pull_retries
         self.workers = settings.pull_workers
         self.buffer_bytes = buffer_bytes
-        self.verifier_for = verifier_for
+        self.verify_checksums = verify_checksums
+        self.single_stream_hash_bytes = single_stream_hash_bytes
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="pull")
         self._local = threading.local()
         self._closing = threading.Event()
@@ -200,44 +266,62 @@ class PullEngine:
 
     # --- the fetch --------------------------------------------------------------------
 
-    def fetch(self, storage: Storage, plan: Plan, dest: Path, cancel: threading.Event) -> FetchStats:
+    def fetch(
+        self,
+        storage: Storage,
+        plan: Plan,
+        dest: Path,
+        cancel: threading.Event,
+        progress: Progress | None = None,
+    ) -> FetchStats:
         """Write every blob of ``plan`` to ``dest/<blob.relpath>``; blocking.
 
         ``dest`` is a directory (created when missing). Guarantees on return: every file
-        exists with exactly ``blob.size`` bytes, each delivered in full by the store
-        (and matching its checksum when a verifier was given). Raises
-        :class:`UnsafePath` before writing anything when a relpath is unsafe,
-        :class:`StorageError` when two blobs would land on the same path or a file and a
-        folder share a name, the backend's error when a read fails for good (after
-        ``pull_retries`` attempts for transient ones), :class:`IntegrityError`,
-        :class:`DiskFull`, or :class:`FetchCancelled` soon after ``cancel`` is set
-        (checked between chunks and while backing off). On any error, every worker of
-        this fetch has stopped before it returns; files already written stay (the
-        caller removes its staging directory).
+        exists with exactly ``blob.size`` bytes, each delivered in full by the store,
+        and matching the checksum chosen from ``blob.checksums`` when one can be
+        verified (a mismatch re-fetches the blob once). Raises :class:`UnsafePath`
+        before writing anything when a relpath is unsafe, :class:`StorageError` when two
+        blobs would land on the same path or a file and a folder share a name, the
+        backend's error when a read fails for good (after ``pull_retries`` attempts for
+        transient ones), :class:`IntegrityError` (short, wrong size, or a checksum
+        mismatch twice), :class:`DiskFull`, or :class:`FetchCancelled` soon after
+        ``cancel`` is set (checked between chunks and while backing off). On any error,
+        every worker of this fetch has stopped before it returns; files already written
+        stay (the caller removes its staging directory).
+
+        ``progress``, when given, is called with the byte count of every chunk written
+        to disk (a re-fetched blob counts again), from the worker threads, several at
+        once: it must be thread-safe, quick (it runs on the data path, every
+        ``buffer_bytes`` or less) and must not raise (an exception fails the fetch like
+        any other).
         """
         started = time.monotonic()
         targets = self._targets(plan, dest)
-        job = _Job(storage, cancel, self._closing)
+        job = _Job(storage, cancel, self._closing, progress)
         job.check()
         try:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _local_error(exc, dest) from exc
         states = self._create_files(plan, targets)
-        ranges = [r for state in states for r in self._split(state)]
-        futures: list[Future[None]] = []
-        try:
-            for part in ranges:
-                futures.append(self._pool.submit(self._fetch_range, job, part))
-        except RuntimeError:  # the pool was shut down meanwhile
-            job.failed.set()
-            wait(futures)
-            raise FetchCancelled("the pull engine is shutting down") from None
-        try:
-            self._wait(futures, job)
-        finally:
-            job.failed.set()
-            wait(futures)
+        self._run(job, [part for state in states for part in state.ranges])
+        mismatched = [state for state in states if state.mismatch is not None]
+        if mismatched:
+            for state in mismatched:
+                log.warning(
+                    "checksum mismatch, fetching the blob again", blob=state.label, error=state.mismatch
+                )
+                self._empty(state)
+                state.reset()
+            self._run(job, [part for state in mismatched for part in state.ranges])
+            for state in mismatched:
+                if state.mismatch is not None:
+                    raise IntegrityError(f"{state.mismatch} (fetched twice)")
+        for state in states:
+            if state.expected is not None and not state.checked:  # pragma: no cover - a bug
+                raise IntegrityError(
+                    f"blob '{state.label}': its {state.expected.algorithm} was never checked"
+                )
         return FetchStats(
             bytes=sum(s.written for s in states), files=len(states), seconds=time.monotonic() - started
         )
@@ -250,7 +334,7 @@ class PullEngine:
         for blob, target in zip(plan.blobs, targets, strict=True):
             rel = PurePosixPath(target.relative_to(dest).as_posix())
             if rel in files:
-                raise StorageError(f"two objects land on the same file '{rel}' (from '{blob.name}')")
+                raise StorageError(f"two objects land on the same file '{rel}' (from '{blob_label(blob)}')")
             files.add(rel)
         for rel in files:
             for parent in rel.parents:
@@ -258,11 +342,24 @@ class PullEngine:
                     raise StorageError(f"'{parent}' is both a file and a folder in this model")
         return targets
 
+    def _expected(self, blob: Blob) -> ExpectedChecksum | None:
+        if not self.verify_checksums or not blob.checksums:
+            return None
+        expected = choose_checksum(blob.checksums, blob.size)
+        if expected is None:
+            log.debug(
+                "no announced checksum can be verified here; checking the size only",
+                blob=blob_label(blob),
+                announced=sorted(blob.checksums),
+                fast_crc32c=FAST_CRC32C,
+            )
+        return expected
+
     def _create_files(self, plan: Plan, targets: list[Path]) -> list[_BlobState]:
         states: list[_BlobState] = []
         for blob, target in zip(plan.blobs, targets, strict=True):
             if blob.size < 0:
-                raise StorageError(f"blob '{blob.name}' has a negative size")
+                raise StorageError(f"blob '{blob_label(blob)}' has a negative size")
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(
@@ -274,21 +371,47 @@ class PullEngine:
                     os.close(fd)
             except OSError as exc:
                 raise _local_error(exc, target) from exc
-            verifier = self.verifier_for(blob) if self.verifier_for is not None else None
-            if verifier is not None and blob.size > self.part_bytes:
-                verifier = None  # ranges arrive out of order: checked by size only
-            parts = max(1, -(-blob.size // self.part_bytes))
-            states.append(_BlobState(blob, target, verifier, remaining_ranges=parts))
+            expected = self._expected(blob)
+            part_size = self.part_bytes if blob.ranged else max(blob.size, 1)
+            if (
+                expected is not None
+                and not expected.combinable
+                and blob.size <= self.single_stream_hash_bytes
+            ):
+                part_size = max(blob.size, 1)  # one stream, hashed in order: nothing read back
+            states.append(_BlobState(blob, target, expected, part_size))
         return states
 
-    def _split(self, state: _BlobState) -> list[_Range]:
-        size = state.blob.size
-        if size == 0:
-            return [_Range(state, 0, 0)]
-        return [
-            _Range(state, start, min(start + self.part_bytes, size))
-            for start in range(0, size, self.part_bytes)
-        ]
+    @staticmethod
+    def _empty(state: _BlobState) -> None:
+        """Zero a file before its blob is fetched again."""
+        try:
+            fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, state.blob.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _local_error(exc, state.path) from exc
+
+    def _run(self, job: _Job, ranges: list[_Range]) -> None:
+        """Fetch ``ranges`` on the pool and wait for all of them; on any error stop the
+        others, wait until every one has stopped, and raise the first real error."""
+        futures: list[Future[None]] = []
+        try:
+            for part in ranges:
+                futures.append(self._pool.submit(self._fetch_range, job, part))
+        except RuntimeError:  # the pool was shut down meanwhile
+            job.failed.set()
+            wait(futures)
+            raise FetchCancelled("the pull engine is shutting down") from None
+        try:
+            self._wait(futures, job)
+        except BaseException:
+            job.failed.set()
+            wait(futures)
+            raise
 
     @staticmethod
     def _wait(futures: list[Future[None]], job: _Job) -> None:
@@ -319,11 +442,10 @@ class PullEngine:
 
     def _fetch_range(self, job: _Job, part: _Range) -> None:
         state = part.state
-        cursor = _Cursor(part.start)
         for attempt in range(self.attempts):
             job.check()
             try:
-                self._copy(job, part, cursor)
+                self._copy(job, part)
                 break
             except StorageUnavailable as exc:
                 if attempt + 1 < self.attempts:
@@ -331,72 +453,151 @@ class PullEngine:
                     continue
                 if isinstance(exc, ShortRead):
                     raise IntegrityError(
-                        f"blob '{state.blob.name}' is shorter than the {state.blob.size} bytes announced: "
-                        f"bytes {cursor.pos}..{part.end} never arrived in {self.attempts} attempts"
+                        f"blob '{state.label}' is shorter than the {state.blob.size} bytes announced: "
+                        f"bytes {part.pos}..{part.end} never arrived in {self.attempts} attempts"
                     ) from exc
                 raise
-        with job.lock:
-            state.written += cursor.pos - part.start
+        with state.lock:
+            state.written += part.pos - part.start
             state.remaining_ranges -= 1
             last = state.remaining_ranges == 0
         if last:
-            self._finish(state)
+            self._finish(job, state)
 
-    def _copy(self, job: _Job, part: _Range, cursor: _Cursor) -> None:
-        """Copy ``[cursor.pos, part.end)`` of the blob into its file, advancing
-        ``cursor.pos`` past every chunk written, so a retry resumes where this attempt
-        stopped (and a verifier keeps seeing the bytes in order)."""
-        if cursor.pos >= part.end:
+    def _copy(self, job: _Job, part: _Range) -> None:
+        """Copy ``[part.pos, part.end)`` of the blob into its file, advancing
+        ``part.pos`` (and the range's CRC) past every chunk written, so a retry resumes
+        where this attempt stopped and the checksum sees every byte once, in order."""
+        if part.pos >= part.end:
             return
         state = part.state
+        expected = state.expected
+        crc_update = expected.update if expected is not None else None
         view = self._buffer()
-        stream = job.storage.open_range(state.blob, cursor.pos, part.end)
+        stream = job.storage.open_range(state.blob, part.pos, part.end)
         try:
             fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             stream.close()
             raise _local_error(exc, state.path) from exc
         try:
-            while cursor.pos < part.end:
+            while part.pos < part.end:
                 job.check()
-                want = part.end - cursor.pos
+                want = part.end - part.pos
                 count = stream.readinto(view[:want] if want < len(view) else view)
                 if not count:
                     raise ShortRead(
-                        f"blob '{state.blob.name}': the stream ended at byte {cursor.pos}, "
+                        f"blob '{state.label}': the stream ended at byte {part.pos}, "
                         f"expected bytes up to {part.end}"
                     )
+                at = part.pos
                 data = view[:count]
-                _pwrite_all(fd, data, cursor.pos, state.path)
-                if state.verifier is not None:
-                    state.verifier.update(data)
-                cursor.pos += count
+                _pwrite_all(fd, data, at, state.path)
+                if crc_update is not None:
+                    part.crc = crc_update(part.crc, data)
+                part.pos = at + count  # written: from here on a catch-up may read it back
+                if state.digest is not None:
+                    self._hash_chunk(job, state, data, at, view)
+                if job.progress is not None:
+                    job.progress(count)
         finally:
             os.close(fd)
             stream.close()
 
-    def _finish(self, state: _BlobState) -> None:
-        """The last range of a blob is in: check the file's size and checksum."""
+    # --- digests along the frontier ---------------------------------------------------
+
+    def _hash_chunk(self, job: _Job, state: _BlobState, data: memoryview, at: int, view: memoryview) -> None:
+        """Feed ``data`` (bytes ``at..``, just written) to the blob's digest when the
+        frontier stands at ``at``; otherwise leave it for whoever reaches it."""
+        with state.lock:
+            if state.hashing or state.hashed != at:
+                return
+            state.hashing = True
+        try:
+            assert state.digest is not None
+            state.digest.update(data)
+            self._advance(job, state, at + len(data), view)
+        except BaseException:
+            with state.lock:
+                state.hashing = False
+            raise
+
+    def _advance(self, job: _Job, state: _BlobState, upto: int, view: memoryview) -> None:
+        """Move the frontier to ``upto`` (this thread holds the digest), then feed the
+        bytes already written beyond it, read back into ``view``, until the next byte
+        is not written yet; release the digest, and verify it when it covers the blob."""
+        assert state.digest is not None
+        fd: int | None = None
+        complete = False
+        try:
+            while True:
+                with state.lock:
+                    state.hashed = upto
+                    stop = state.written_end()
+                    if stop == upto:
+                        state.hashing = False
+                        complete = upto == state.blob.size and not state.checked
+                        if complete:
+                            state.checked = True
+                        break
+                job.check()
+                if fd is None:
+                    fd = os.open(state.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                want = min(len(view), stop - upto)
+                got = os.preadv(fd, [view[:want]], upto)
+                if got <= 0:
+                    raise IntegrityError(f"blob '{state.label}': bytes written at {upto} cannot be read back")
+                state.digest.update(view[:got])
+                upto += got
+        except OSError as exc:
+            raise _local_error(exc, state.path, "reading back") from exc
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if complete:
+            self._check_digest(state)
+
+    @staticmethod
+    def _check_digest(state: _BlobState) -> None:
+        assert state.digest is not None and state.expected is not None
+        actual = state.digest.hexdigest()
+        if actual != state.expected.hexdigest:
+            with state.lock:
+                state.record_mismatch(actual)
+
+    # --- the end of a blob ------------------------------------------------------------
+
+    def _finish(self, job: _Job, state: _BlobState) -> None:
+        """The last range of a blob is in: check the file's size and, for a CRC, the
+        ranges' CRCs combined in order (a digest is checked where it completes)."""
         try:
             size = state.path.lstat().st_size
         except OSError as exc:
             raise _local_error(exc, state.path) from exc
         if size != state.blob.size or state.written != state.blob.size:
             raise IntegrityError(
-                f"file for blob '{state.blob.name}' has {size} bytes ({state.written} received), "
+                f"file for blob '{state.label}' has {size} bytes ({state.written} received), "
                 f"the store announced {state.blob.size}"
             )
-        if state.verifier is not None:
-            state.verifier.verify()
-
-
-class _Cursor:
-    """The next byte a range still needs."""
-
-    __slots__ = ("pos",)
-
-    def __init__(self, pos: int) -> None:
-        self.pos = pos
+        expected = state.expected
+        if expected is None:
+            return
+        if expected.combine is not None:
+            total = 0
+            for part in state.ranges:
+                total = expected.combine(total, part.crc, part.end - part.start) if part.start else part.crc
+            state.checked = True
+            actual = crc_hex(total)
+            if actual != expected.hexdigest:
+                with state.lock:
+                    state.record_mismatch(actual)
+            return
+        with state.lock:  # an empty blob: its digest is complete before any byte
+            complete = state.hashed == state.blob.size and not state.hashing and not state.checked
+            if complete:
+                state.checked = True
+        if complete:
+            self._check_digest(state)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -411,10 +612,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
         raise _local_error(exc, path) from exc
 
 
-def _local_error(exc: OSError, path: Path) -> SidecarError:
+def _local_error(exc: OSError, path: Path, doing: str = "writing") -> SidecarError:
     if exc.errno in _DISK_FULL_ERRNOS:
         return DiskFull(f"no space left on the device while writing {path}")
-    return StorageError(f"cannot write {path}: {exc.strerror or exc}")
+    return StorageError(f"error {doing} {path}: {exc.strerror or exc}")
 
 
 def _backoff(attempt: int) -> float:

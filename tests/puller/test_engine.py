@@ -5,13 +5,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from adapter.errors import (
     DiskFull,
@@ -22,10 +26,14 @@ from adapter.errors import (
     UnsafePath,
 )
 from adapter.settings import Settings
+from puller import checksums
+from puller.checksums import crc_hex
 from puller.config import StorageConfig
-from puller.engine import FetchCancelled, FetchStats, PullEngine, checksum_verifier
+from puller.engine import FetchCancelled, FetchStats, PullEngine, blob_label
 from puller.storage.base import Blob, Plan, Storage
+from puller.storage.s3 import S3Storage
 from tests.puller.conftest import make_settings
+from tests.servers.s3 import MotoS3Server
 
 
 class MemoryStream:
@@ -39,6 +47,8 @@ class MemoryStream:
         end: int,
         stop_at: int | None,
         fail_at: int | None,
+        delay: float = 0.0,
+        flip_at: int | None = None,
     ) -> None:
         self.store = store
         self.data = data
@@ -46,10 +56,12 @@ class MemoryStream:
         self.end = end
         self.stop_at = stop_at
         self.fail_at = fail_at
+        self.delay = delay
+        self.flip_at = flip_at
 
     def readinto(self, buffer: memoryview) -> int:
-        if self.store.chunk_delay:
-            time.sleep(self.store.chunk_delay)
+        if self.store.chunk_delay or self.delay:
+            time.sleep(self.store.chunk_delay + self.delay)
         limit = min(self.end, len(self.data))
         if self.stop_at is not None:
             limit = min(limit, self.stop_at)
@@ -61,6 +73,8 @@ class MemoryStream:
         if count <= 0:
             return 0
         buffer[:count] = self.data[self.pos : self.pos + count]
+        if self.flip_at is not None and self.pos <= self.flip_at < self.pos + count:
+            buffer[self.flip_at - self.pos] ^= 0x01  # one bit flipped in transit
         self.pos += count
         with self.store.lock:
             self.store.bytes_served += count
@@ -74,7 +88,11 @@ class MemoryStream:
 class MemoryStorage(Storage):
     """Objects held in memory. ``faults[(name, start)]`` lists what the successive
     attempts at a range do: ``"unavailable"`` (fails on open), ``"reset"`` (fails after
-    half the range), ``"short"`` (ends early, cleanly), ``"missing"`` (not found)."""
+    half the range), ``"short"`` (ends early, cleanly), ``"missing"`` (not found).
+    ``corrupt[name] = [offset, ...]``: the next streams that cover an offset deliver
+    that byte with a bit flipped (one entry used up per stream); ``range_delay`` slows
+    every chunk of the streams opened at ``(name, start)``; ``checksums[name]`` is
+    announced in the plan."""
 
     def __init__(self, settings: Settings, objects: dict[str, bytes]) -> None:
         super().__init__(StorageConfig(type="memory"), settings)
@@ -86,10 +104,18 @@ class MemoryStorage(Storage):
         self.bytes_served = 0
         self.chunk_delay = 0.0
         self.announced: dict[str, int] = {}
+        self.corrupt: dict[str, list[int]] = {}
+        self.range_delay: dict[tuple[str, int], float] = {}
+        self.checksums: dict[str, dict[str, str]] = {}
 
     def plan(self, path: str) -> Plan:
         blobs = tuple(
-            Blob(name=name, relpath=name, size=self.announced.get(name, len(data)))
+            Blob(
+                name=name,
+                relpath=name,
+                size=self.announced.get(name, len(data)),
+                checksums=self.checksums.get(name, {}),
+            )
             for name, data in sorted(self.objects.items())
         )
         return Plan(blobs=blobs, single_object=False)
@@ -106,9 +132,17 @@ class MemoryStorage(Storage):
         data = self.objects[blob.name]
         stop_at = start + (end - start) // 2 if fault == "short" else None
         fail_at = start + (end - start) // 2 if fault == "reset" else None
+        flip_at = None
         with self.lock:
             self.open_streams += 1
-        return MemoryStream(self, data, start, end, stop_at, fail_at)
+            pending = self.corrupt.get(blob.name, [])
+            for offset in pending:
+                if start <= offset < end:
+                    pending.remove(offset)
+                    flip_at = offset
+                    break
+        delay = self.range_delay.get((blob.name, start), 0.0)
+        return MemoryStream(self, data, start, end, stop_at, fail_at, delay, flip_at)
 
 
 def sha256(data: bytes) -> str:
@@ -226,7 +260,7 @@ def test_a_file_that_ends_up_with_the_wrong_size_is_refused(
 
 def test_checksums_are_verified_while_streaming(engine_settings: Settings, tmp_path: Path) -> None:
     data = os.urandom(100_000)
-    engine = PullEngine(engine_settings, verifier_for=checksum_verifier)
+    engine = PullEngine(engine_settings)
     try:
         store = MemoryStorage(engine_settings, {"m.bin": data})
         good = Plan(
@@ -382,3 +416,317 @@ def test_close_stops_a_running_fetch(engine_settings: Settings, tmp_path: Path) 
     assert isinstance(outcome[0], FetchCancelled)
     with pytest.raises(FetchCancelled):
         engine.fetch(store, store.plan(""), tmp_path / "after", threading.Event())
+
+
+# --- checksums while streaming ----------------------------------------------------------
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def crc32c_hex(data: bytes) -> str:
+    google_crc32c = pytest.importorskip("google_crc32c")
+    return crc_hex(google_crc32c.value(data))
+
+
+class ProgressCounter:
+    """A thread-safe progress callback, as the engine's contract asks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.total = 0
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def __call__(self, count: int) -> None:
+        with self.lock:
+            self.total += count
+            self.calls += 1
+            self.threads.add(threading.current_thread().name)
+
+
+def opened_ranges(store: MemoryStorage, name: str) -> Counter[tuple[int, int]]:
+    return Counter((start, end) for n, start, end in store.opened if n == name)
+
+
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32"])
+def test_a_crc_is_verified_across_parallel_ranges(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path, algorithm: str
+) -> None:
+    part = engine_settings.pull_part_bytes
+    data = os.urandom(6 * part + 4321)
+    announced = crc32c_hex(data) if algorithm == "crc32c" else crc_hex(zlib.crc32(data))
+    store = MemoryStorage(engine_settings, {"w.bin": data})
+    store.checksums["w.bin"] = {algorithm: announced, "md5": md5(data)}
+    store.faults[("w.bin", 2 * part)] = ["reset"]  # a resumed range keeps its CRC right
+    store.range_delay[("w.bin", 0)] = 0.01  # the first range arrives last
+    fetch(engine, store, tmp_path / "ok")
+    assert (tmp_path / "ok" / "w.bin").read_bytes() == data
+    assert len(opened_ranges(store, "w.bin")) >= 7, "a CRC keeps the ranges parallel"
+
+    # one flipped bit in the middle of one range, on every serve: fetched twice, refused
+    store.opened.clear()
+    store.corrupt["w.bin"] = [3 * part + 100, 3 * part + 100]
+    with pytest.raises(IntegrityError, match=rf"blob 'w.bin': {algorithm} is [0-9a-f]{{8}}.*fetched twice"):
+        fetch(engine, store, tmp_path / "bad")
+    assert opened_ranges(store, "w.bin")[(0, part)] == 2, "the whole blob was fetched again, once"
+
+
+def test_a_corruption_that_goes_away_is_healed_by_the_second_fetch(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path
+) -> None:
+    part = engine_settings.pull_part_bytes
+    data = os.urandom(3 * part)
+    store = MemoryStorage(engine_settings, {"w.bin": data, "other.bin": b"fine"})
+    store.checksums["w.bin"] = {"crc32c": crc32c_hex(data)}
+    store.corrupt["w.bin"] = [part + 5]  # only the first serve is bad
+    progress = ProgressCounter()
+    with capture_logs() as logs:
+        stats = engine.fetch(store, store.plan(""), tmp_path / "out", threading.Event(), progress=progress)
+    assert (tmp_path / "out" / "w.bin").read_bytes() == data
+    assert stats.bytes == len(data) + 4
+    assert progress.total == 2 * len(data) + 4, "a re-fetched blob counts again"
+    assert opened_ranges(store, "other.bin")[(0, 4)] == 1
+    assert [e["blob"] for e in logs if e["event"] == "checksum mismatch, fetching the blob again"] == [
+        "w.bin"
+    ]
+
+
+def test_a_digest_on_a_small_blob_streams_in_one_range(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = engine_settings.pull_part_bytes
+    data = os.urandom(3 * part + 99)  # several parts, under the single-stream threshold
+    store = MemoryStorage(engine_settings, {"m.bin": data})
+    store.checksums["m.bin"] = {"md5": md5(data)}
+    store.faults[("m.bin", 0)] = ["reset"]  # the resumed stream still hashes in order
+    reads_back = count_reads_back(monkeypatch)
+    fetch(engine, store, tmp_path / "out")
+    assert (tmp_path / "out" / "m.bin").read_bytes() == data
+    assert [(s, e) for n, s, e in store.opened] == [(0, len(data)), (len(data) // 2, len(data))]
+    assert reads_back == [], "a single stream is never read back"
+
+
+def count_reads_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the byte count of every read-back the engine makes (os.preadv)."""
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        got = real_preadv(fd, buffers, offset)
+        reads.append(got)
+        return got
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return reads
+
+
+@pytest.mark.parametrize("algorithm", ["md5", "sha256"])
+def test_a_digest_on_a_large_blob_follows_the_frontier(
+    engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
+    part = engine_settings.pull_part_bytes
+    data = os.urandom(8 * part + 777)
+    engine = PullEngine(engine_settings, buffer_bytes=64 * 1024, single_stream_hash_bytes=part)
+    try:
+        store = MemoryStorage(engine_settings, {"big.bin": data})
+        store.checksums["big.bin"] = {algorithm: hashlib.new(algorithm, data).hexdigest()}
+        store.range_delay[("big.bin", 0)] = 0.01  # the first range lags: the rest runs ahead
+        store.faults[("big.bin", 5 * part)] = ["reset"]
+        reads_back = count_reads_back(monkeypatch)
+        fetch(engine, store, tmp_path / "ok")
+        assert (tmp_path / "ok" / "big.bin").read_bytes() == data
+        assert len(opened_ranges(store, "big.bin")) >= 9, "the ranges stay parallel"
+        assert 0 < sum(reads_back) < len(data), "bytes that ran ahead were read back, once at most"
+
+        store.opened.clear()
+        store.corrupt["big.bin"] = [7 * part + 3, 7 * part + 3]
+        with pytest.raises(IntegrityError, match=rf"blob 'big.bin': {algorithm} is .*fetched twice"):
+            fetch(engine, store, tmp_path / "bad")
+        assert opened_ranges(store, "big.bin")[(0, part)] == 2
+    finally:
+        engine.close()
+
+
+def test_ranges_that_arrive_in_order_are_hashed_from_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path, pull_part_bytes=64 * 1024, pull_workers=1)
+    data = os.urandom(10 * 64 * 1024 + 5)
+    engine = PullEngine(settings, single_stream_hash_bytes=0)
+    try:
+        store = MemoryStorage(settings, {"big.bin": data})
+        store.checksums["big.bin"] = {"sha256": sha256(data)}
+        reads_back = count_reads_back(monkeypatch)
+        fetch(engine, store, tmp_path / "out")
+        assert len(opened_ranges(store, "big.bin")) == 11
+        assert reads_back == []
+    finally:
+        engine.close()
+
+
+def test_the_frontier_survives_many_blobs_and_workers(engine_settings: Settings, tmp_path: Path) -> None:
+    part = engine_settings.pull_part_bytes
+    engine = PullEngine(engine_settings, buffer_bytes=16 * 1024, single_stream_hash_bytes=0)
+    try:
+        rng = random.Random(3)
+        objects = {f"b{i}.bin": rng.randbytes(rng.randrange(0, 5 * part)) for i in range(12)}
+        store = MemoryStorage(engine_settings, objects)
+        for name, data in objects.items():
+            store.checksums[name] = {"md5": md5(data)}
+            for start in range(0, len(data), part):
+                store.range_delay[(name, start)] = rng.choice([0.0, 0.0, 0.002])
+        for _ in range(3):
+            dest = tmp_path / f"out{_}"
+            fetch(engine, store, dest)
+            for name, data in objects.items():
+                assert (dest / name).read_bytes() == data
+    finally:
+        engine.close()
+
+
+def test_empty_blobs_are_verified(engine: PullEngine, engine_settings: Settings, tmp_path: Path) -> None:
+    store = MemoryStorage(engine_settings, {"e.txt": b"", "f.txt": b""})
+    store.checksums["e.txt"] = {"md5": md5(b"")}
+    store.checksums["f.txt"] = {"crc32": "00000000"}
+    fetch(engine, store, tmp_path / "ok")
+    store.checksums["e.txt"] = {"md5": md5(b"x")}
+    with pytest.raises(IntegrityError, match=r"e\.txt"):
+        fetch(engine, store, tmp_path / "bad")
+
+
+def test_without_the_crc32c_extension(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = engine_settings.pull_part_bytes
+    monkeypatch.setattr(checksums, "FAST_CRC32C", False)
+    monkeypatch.setattr(checksums, "PURE_PYTHON_CRC32C_MAX_BYTES", 2 * part)
+    small, large = os.urandom(2 * part), os.urandom(3 * part)
+    store = MemoryStorage(engine_settings, {"small.bin": small, "large.bin": large})
+    store.checksums["small.bin"] = {"crc32c": crc32c_hex(small)}
+    store.checksums["large.bin"] = {"crc32c": "0" * 8}  # wrong, but too slow to check here
+    with capture_logs() as logs:
+        fetch(engine, store, tmp_path / "ok")
+    assert (tmp_path / "ok" / "large.bin").read_bytes() == large
+    skipped = [e for e in logs if e["event"].startswith("no announced checksum")]
+    assert [e["blob"] for e in skipped] == ["large.bin"]
+    assert skipped[0]["log_level"] == "debug"
+    store.checksums["small.bin"] = {"crc32c": "0" * 8}  # checked in pure Python
+    with pytest.raises(IntegrityError, match=r"small\.bin"):
+        fetch(engine, store, tmp_path / "bad")
+
+
+def test_checks_can_be_switched_off(engine_settings: Settings, tmp_path: Path) -> None:
+    engine = PullEngine(engine_settings, verify_checksums=False)
+    try:
+        store = MemoryStorage(engine_settings, {"m.bin": b"data"})
+        store.checksums["m.bin"] = {"sha256": "0" * 64}
+        fetch(engine, store, tmp_path / "out")
+        assert (tmp_path / "out" / "m.bin").read_bytes() == b"data"
+    finally:
+        engine.close()
+
+
+def test_an_integrity_error_names_the_blob_not_its_url_query(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path
+) -> None:
+    url = "https://user:pw@store.example:8443/models/m.bin?sig=SECRET-SIG&se=2030#frag"
+    store = MemoryStorage(engine_settings, {url: b"bytes"})
+    plan = Plan(blobs=(Blob(url, "m.bin", 5, checksums={"md5": md5(b"other")}),), single_object=False)
+    with pytest.raises(IntegrityError) as caught:
+        fetch(engine, store, tmp_path / "out", plan)
+    message = str(caught.value)
+    assert "https://store.example:8443/models/m.bin" in message
+    for secret in ("SECRET-SIG", "sig=", "pw", "frag"):
+        assert secret not in message
+    assert blob_label(Blob("a/b?c.bin", "x", 1)) == "a/b?c.bin", "a key with '?' is not a URL"
+
+
+def test_progress_counts_every_byte_from_the_workers(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path
+) -> None:
+    part = engine_settings.pull_part_bytes
+    objects = {"a.bin": os.urandom(4 * part + 1), "b.bin": os.urandom(100), "c.bin": b""}
+    store = MemoryStorage(engine_settings, objects)
+    progress = ProgressCounter()
+    engine.fetch(store, store.plan(""), tmp_path / "out", threading.Event(), progress=progress)
+    assert progress.total == sum(len(d) for d in objects.values())
+    assert progress.calls >= (4 * part) // (64 * 1024)
+    assert all(name.startswith("pull") for name in progress.threads)
+
+
+def test_a_progress_callback_that_raises_fails_the_fetch(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path
+) -> None:
+    store = MemoryStorage(engine_settings, {"m.bin": b"x" * 10})
+
+    def broken(count: int) -> None:
+        raise StorageError("progress sink is broken")
+
+    with pytest.raises(StorageError, match="progress sink"):
+        engine.fetch(store, store.plan(""), tmp_path / "out", threading.Event(), progress=broken)
+
+
+def test_a_cancel_stops_a_read_back(
+    engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = engine_settings.pull_part_bytes
+    data = os.urandom(8 * part)
+    engine = PullEngine(engine_settings, buffer_bytes=4096, single_stream_hash_bytes=0)
+    cancel = threading.Event()
+    real_preadv = os.preadv
+
+    def slow_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        cancel.set()  # cancelled during the first read-back
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    try:
+        store = MemoryStorage(engine_settings, {"big.bin": data})
+        store.checksums["big.bin"] = {"md5": md5(data)}
+        store.range_delay[("big.bin", 0)] = 0.005
+        with pytest.raises(FetchCancelled):
+            engine.fetch(store, store.plan(""), tmp_path / "out", cancel)
+        assert store.open_streams == 0
+    finally:
+        engine.close()
+
+
+# --- a real server ----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_checksums_over_s3_on_moto(moto_s3: MotoS3Server, bucket: str, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, pull_part_bytes=256 * 1024)
+    data = os.urandom(5 * 256 * 1024 + 11)
+    moto_s3.put_object(bucket, "models/w.bin", data)
+    storage = S3Storage(
+        StorageConfig(
+            type="s3",
+            fields={
+                "endpoint_url": moto_s3.endpoint_url,
+                "access_key_id": "k",
+                "secret_access_key": "s",
+                "region": "us-east-1",
+                "bucket": bucket,
+            },
+        ),
+        settings,
+    )
+    engine = PullEngine(settings, single_stream_hash_bytes=0)
+    try:
+        listed = storage.plan("models/w.bin").blobs[0]
+        for announced in ({"md5": md5(data)}, {"crc32c": crc32c_hex(data)}, {"sha256": sha256(data)}):
+            dest = tmp_path / f"ok-{next(iter(announced))}"
+            plan = Plan(blobs=(replace(listed, relpath="w.bin", checksums=announced),), single_object=False)
+            engine.fetch(storage, plan, dest, threading.Event())
+            assert (dest / "w.bin").read_bytes() == data
+        wrong = Plan(
+            blobs=(replace(listed, relpath="w.bin", checksums={"md5": md5(data[::-1])}),), single_object=False
+        )
+        with pytest.raises(IntegrityError, match=r"models/w\.bin"):
+            engine.fetch(storage, wrong, tmp_path / "bad", threading.Event())
+    finally:
+        engine.close()
+        storage.close()
