@@ -2,14 +2,57 @@
 
 boto3 owns credentials, listing and request signing; the bytes travel through a lean
 path of our own: a presigned GET URL fetched with ``http.client`` over one keep-alive
-connection per worker thread, read with ``readinto`` straight into the engine's buffer.
+connection per worker thread, read with ``readinto`` straight into the engine's buffer
+(:mod:`puller.storage.ranged_http`).
 
-Storage config fields: ``access_key_id``, ``secret_access_key`` (both absent: boto3's
-default credential chain, e.g. IRSA or an instance profile), ``endpoint_url``
-(absent: AWS; without a scheme ``https://`` is assumed), ``region``, ``bucket`` (the
-resolver maps the legacy ``default_bucket``), ``certificate`` (an inline PEM CA
-bundle: when given it is the only trust anchor for this store, on both paths), and
-``anonymous`` (``"true"``: unsigned requests to a public bucket).
+Storage config fields:
+
+``bucket``
+    the bucket (required; the resolver maps the legacy ``default_bucket``).
+``endpoint_url``
+    any S3-compatible endpoint (absent: AWS; without a scheme ``https://`` is assumed).
+``region``
+    the signing region (absent: the region of the profile or ``AWS_REGION``, else
+    ``us-east-1``).
+``access_key_id``, ``secret_access_key`` (and optionally ``session_token``)
+    static credentials; the two go together (one without the other is a config error).
+``profile``, ``credentials_file``
+    with no static keys: a named profile, and a shared credentials file to read it from
+    (instead of ``~/.aws/credentials``); either may be given alone.
+``anonymous``
+    ``true``: unsigned requests to a public bucket, whatever else is set.
+``addressing_style``
+    ``path`` (``endpoint/bucket/key``), ``virtual`` (``bucket.endpoint/key``) or
+    ``auto``. Default: ``path`` when ``endpoint_url`` is set (what MinIO, Ceph RGW and
+    most S3-compatible stores serve without DNS set up for buckets; the Go adapter
+    always used it), ``auto`` on AWS (virtual-hosted).
+``certificate``, ``certificate_file``
+    a PEM CA bundle, inline or as a path (one or the other): when given it is the only
+    trust anchor for this store, on both paths.
+``verify_etag``
+    ``false``: never take an ETag for the object's MD5 (see *Checksums*).
+
+Credentials, in order: ``anonymous``; the static keys; otherwise boto3's default chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, the shared credentials and config
+files with ``AWS_PROFILE``, web identity as IRSA sets it up, ECS and EC2 instance
+roles), steered by ``profile`` and ``credentials_file``. Empty fields count as absent.
+
+Proxies come from the settings (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``) for
+boto3's requests as for the bytes; boto3 is never left to read them itself.
+
+Checksums (:attr:`Blob.checksums`, verified by the engine while the bytes stream):
+
+- ``md5``: a single-part ETag (32 hex digits, no ``-N``) is the MD5 of the object,
+  except for SSE-KMS and SSE-C objects. The listing does not say how an object is
+  encrypted, so the largest object with such an ETag is asked with one HEAD; when it is
+  encrypted with a KMS or customer key, no ETag of the plan is taken for an MD5 (the
+  objects of one model are normally stored alike).
+- ``sha256``, ``crc32c``, ``crc32``: full-object checksums, asked with
+  ``HeadObject(ChecksumMode=ENABLED)`` for objects of at least
+  :data:`CHECKSUM_HEAD_MIN_BYTES` whose listing names such an algorithm and that have
+  no usable MD5 (multipart uploads, or KMS-encrypted objects); at most
+  :data:`MAX_CHECKSUM_HEADS` per plan, largest first. Composite (per-part) checksums,
+  ``xxx-N`` or ``ChecksumType: COMPOSITE``, are not checksums of the bytes: skipped.
 
 Every SDK and HTTP error is translated here into :mod:`adapter.errors` types, by
 :func:`translate_boto_error` and :func:`_http_error`. Messages name the bucket, the
@@ -18,6 +61,8 @@ key and the S3 error code, never a credential.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import re
@@ -25,8 +70,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from adapter.errors import (
     IntegrityError,
@@ -40,6 +88,7 @@ from adapter.errors import (
 )
 from puller.storage.base import Blob, ByteStream, Plan, Storage
 from puller.storage.ranged_http import RangedHttp
+from puller.storage.ranged_http import _bypasses_proxy as bypasses_proxy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,8 +101,19 @@ _HADOOP_FOLDER_MARKER = "_$folder$"
 #: a presigned URL is signed for this long and reused for a fraction of it
 _PRESIGN_SECONDS = 3600
 _PRESIGN_REUSE_SECONDS = 600
-#: how much of an error body is read to find the S3 error code
-_ERROR_BODY_LIMIT = 64 * 1024
+#: objects at least this large are worth a HEAD to learn a full-object checksum
+CHECKSUM_HEAD_MIN_BYTES = 8 * 1024 * 1024
+#: the most HEADs one plan sends for checksums
+MAX_CHECKSUM_HEADS = 32
+_HEAD_THREADS = 8
+AddressingStyle = Literal["path", "virtual", "auto"]
+ADDRESSING_STYLES: dict[str, AddressingStyle] = {"path": "path", "virtual": "virtual", "auto": "auto"}
+
+#: S3 checksum algorithm -> (our name, digest bytes)
+_FULL_OBJECT_CHECKSUMS = {"SHA256": ("sha256", 32), "CRC32C": ("crc32c", 4), "CRC32": ("crc32", 4)}
+_MD5_ETAG = re.compile(r"^[0-9a-fA-F]{32}$")
+#: server-side encryption modes whose ETag is not the MD5 of the bytes
+_OPAQUE_ETAG_ENCRYPTION = frozenset({"aws:kms", "aws:kms:dsse"})
 
 _UNAUTHENTICATED_CODES = frozenset(
     {
@@ -64,6 +124,9 @@ _UNAUTHENTICATED_CODES = frozenset(
         "TokenRefreshRequired",
         "InvalidSecurity",
         "AuthorizationHeaderMalformed",
+        "MissingSecurityHeader",
+        # rclone (gofakes3) refuses an unsigned request with this code and HTTP 400
+        "UnsupportedAlgorithm",
     }
 )
 _DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"})
@@ -90,6 +153,12 @@ def _truthy(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _falsy(value: Any) -> bool:
+    if isinstance(value, bool):
+        return not value
+    return str(value).strip().lower() in ("0", "false", "no", "off")
+
+
 def _public_endpoint(endpoint_url: str) -> str:
     """The endpoint without any ``user:password@`` part, for messages and identity."""
     parts = urllib.parse.urlsplit(endpoint_url)
@@ -97,6 +166,150 @@ def _public_endpoint(endpoint_url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+# --- the storage config ---------------------------------------------------------------------
+
+
+def _text(config: StorageConfig, name: str) -> str | None:
+    """Field ``name`` as a stripped string; None when absent or empty (an empty string
+    must never reach boto3 as a credential: it would stop the default chain)."""
+    value = config.get(name)
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, Mapping | list):
+        raise StorageConfigError(f"s3 storage config: {name} must be a string")
+    return str(value).strip() or None
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """The fields of one s3 storage config, checked. Secrets are left out of the repr."""
+
+    bucket: str
+    endpoint_url: str | None
+    region: str | None
+    anonymous: bool
+    addressing_style: AddressingStyle
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile: str | None = None
+    credentials_file: str | None = None
+    certificate: str | None = field(default=None, repr=False)
+    certificate_file: str | None = None
+    verify_etag: bool = True
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> S3Options:
+        """Read and check the fields (no I/O). Raises :class:`StorageConfigError` for a
+        key without its secret, both CA fields at once, or an unknown addressing style;
+        messages name fields, never their values (except the addressing style)."""
+        endpoint = _text(config, "endpoint_url")
+        if endpoint and "://" not in endpoint:
+            endpoint = "https://" + endpoint
+        key_id, secret = _text(config, "access_key_id"), _text(config, "secret_access_key")
+        anonymous = _truthy(config.get("anonymous", False))
+        if not anonymous and (key_id is None) != (secret is None):
+            missing = "secret_access_key" if secret is None else "access_key_id"
+            raise StorageConfigError(f"s3 storage config: {missing} is missing (the two keys go together)")
+        certificate, certificate_file = _text(config, "certificate"), _text(config, "certificate_file")
+        if certificate and certificate_file:
+            raise StorageConfigError("s3 storage config: set certificate or certificate_file, not both")
+        raw_style = (_text(config, "addressing_style") or ("path" if endpoint else "auto")).lower()
+        style = ADDRESSING_STYLES.get(raw_style)
+        if style is None:
+            raise StorageConfigError(
+                f"s3 storage config: addressing_style {raw_style[:32]!r} is not one of "
+                f"{', '.join(ADDRESSING_STYLES)}"
+            )
+        return cls(
+            bucket=_text(config, "bucket") or "",
+            endpoint_url=endpoint,
+            region=_text(config, "region"),
+            anonymous=anonymous,
+            addressing_style=style,
+            access_key_id=None if anonymous else key_id,
+            secret_access_key=None if anonymous else secret,
+            session_token=None if anonymous or key_id is None else _text(config, "session_token"),
+            profile=None if anonymous else _text(config, "profile"),
+            credentials_file=None if anonymous else _text(config, "credentials_file"),
+            certificate=certificate,
+            certificate_file=certificate_file,
+            verify_etag=not _falsy(config.get("verify_etag", True)),
+        )
+
+    def endpoint_host(self) -> str:
+        """The host boto3 talks to (for NO_PROXY matching)."""
+        if self.endpoint_url:
+            return urllib.parse.urlsplit(self.endpoint_url).hostname or ""
+        region = self.region or "us-east-1"
+        return "s3.amazonaws.com" if region == "us-east-1" else f"s3.{region}.amazonaws.com"
+
+
+def boto_proxies(settings: Settings, host: str) -> dict[str, str]:
+    """botocore's ``proxies`` for ``host`` from the settings: empty when NO_PROXY names
+    the host or no proxy is set (an explicit empty dict: botocore then reads no proxy
+    from the environment on its own)."""
+    proxies: dict[str, str] = {}
+    for scheme, raw in (("http", settings.http_proxy), ("https", settings.https_proxy)):
+        value = raw.strip()
+        if value:
+            proxies[scheme] = value if "://" in value else "http://" + value
+    if proxies and bypasses_proxy(host, settings.no_proxy):
+        return {}
+    return proxies
+
+
+# --- checksums ------------------------------------------------------------------------------
+
+
+def _etag(entry: Mapping[str, Any]) -> str | None:
+    return str(entry.get("ETag") or "").strip().strip('"') or None
+
+
+def is_md5_etag(etag: str | None) -> bool:
+    """True for a single-part ETag (32 hex digits): the MD5 of the bytes unless the
+    object is encrypted with a KMS or customer key."""
+    return etag is not None and _MD5_ETAG.match(etag) is not None
+
+
+def etag_is_opaque(head: Mapping[str, Any]) -> bool:
+    """True when a HeadObject answer says the ETag is not the MD5 of the bytes
+    (SSE-KMS, DSSE-KMS, SSE-C)."""
+    return str(head.get("ServerSideEncryption") or "") in _OPAQUE_ETAG_ENCRYPTION or bool(
+        head.get("SSECustomerAlgorithm")
+    )
+
+
+def full_object_checksums(head: Mapping[str, Any], etag: str | None) -> dict[str, str]:
+    """The full-object checksums of a HeadObject answer (``ChecksumMode=ENABLED``), as
+    lower-case hex by our algorithm names. Composite checksums (``-N`` suffix, or
+    ``ChecksumType: COMPOSITE``) are skipped, and so is everything of a multipart object
+    that is not marked ``FULL_OBJECT`` (some servers send per-part checksums unmarked)."""
+    kind = str(head.get("ChecksumType") or "").upper()
+    if kind == "COMPOSITE" or (etag is not None and "-" in etag and kind != "FULL_OBJECT"):
+        return {}
+    found: dict[str, str] = {}
+    for algorithm, (name, length) in _FULL_OBJECT_CHECKSUMS.items():
+        value = str(head.get(f"Checksum{algorithm}") or "").strip()
+        if not value or "-" in value:
+            continue
+        try:
+            digest = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if len(digest) == length:
+            found[name] = digest.hex()
+    return found
+
+
+def _verifiable_listed(entry: Mapping[str, Any]) -> bool:
+    """The listing says the object carries a checksum we could verify."""
+    return any(str(a).upper() in _FULL_OBJECT_CHECKSUMS for a in entry.get("ChecksumAlgorithm") or ())
+
+
+# --- errors -----------------------------------------------------------------------------------
 
 
 def translate_boto_error(exc: Exception, *, bucket: str, key: str | None = None, action: str) -> SidecarError:
@@ -121,6 +334,9 @@ def translate_boto_error(exc: Exception, *, bucket: str, key: str | None = None,
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return StorageUnavailable(f"s3 is unavailable ({code or status}) while {action} {where}")
         return StorageError(f"s3 error ({code or status}) while {action} {where}")
+    if isinstance(exc, bce.ProfileNotFound):
+        profile = str(exc.kwargs.get("profile", ""))[:64]
+        return StorageConfigError(f"s3 storage config: profile {profile!r} is not in the shared files")
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return StorageUnauthenticated(
             f"no complete s3 credentials for {where}: set access_key_id and secret_access_key in the "
@@ -158,17 +374,18 @@ def _http_error(status: int, body: bytes, *, bucket: str, key: str) -> SidecarEr
         if code == "NoSuchBucket":
             return StorageNotFound(f"s3 bucket '{bucket}' does not exist")
         return StorageNotFound(f"nothing found in {where}")
-    if status in (401, 403):
-        if code in _UNAUTHENTICATED_CODES or status == 401:
-            return StorageUnauthenticated(
-                f"s3 rejected the credentials ({code or status}) while reading {where}"
-            )
+    if code in _UNAUTHENTICATED_CODES or status == 401:
+        return StorageUnauthenticated(f"s3 rejected the credentials ({code or status}) while reading {where}")
+    if status == 403:
         return StoragePermissionDenied(f"s3 denied access ({code or status}) while reading {where}")
     if status == 416:
         return IntegrityError(f"{where} is shorter than when it was listed (HTTP 416)")
     if status >= 500 or status in (408, 429):
         return StorageUnavailable(f"s3 is unavailable (HTTP {status} {code}) while reading {where}".strip())
     return StorageError(f"s3 answered HTTP {status} {code} while reading {where}")
+
+
+# --- the backend ------------------------------------------------------------------------------
 
 
 class S3Storage(Storage):
@@ -178,12 +395,10 @@ class S3Storage(Storage):
     types: ClassVar[tuple[str, ...]] = ("s3",)
 
     def __init__(self, config: StorageConfig, settings: Settings) -> None:
+        """Raises :class:`StorageConfigError` for fields that cannot work together (see
+        :meth:`S3Options.from_config`); nothing is contacted yet."""
         super().__init__(config, settings)
-        raw_endpoint = str(config.get("endpoint_url") or "").strip()
-        if raw_endpoint and "://" not in raw_endpoint:
-            raw_endpoint = "https://" + raw_endpoint
-        self._endpoint_url = raw_endpoint or None
-        self._bucket = str(config.get("bucket") or "").strip()
+        self.options = S3Options.from_config(config)
         self._lock = threading.Lock()
         self._client_instance: S3Client | None = None
         self._ranged: RangedHttp | None = None
@@ -192,41 +407,45 @@ class S3Storage(Storage):
     # --- contract ---------------------------------------------------------------------
 
     def identity(self) -> str:
-        endpoint = _public_endpoint(self._endpoint_url) if self._endpoint_url else "https://s3.amazonaws.com"
-        return f"s3:{endpoint}/{self._bucket}"
+        endpoint = self.options.endpoint_url
+        public = _public_endpoint(endpoint) if endpoint else "https://s3.amazonaws.com"
+        return f"s3:{public}/{self.options.bucket}"
 
     def plan(self, path: str) -> Plan:
         """A key equal to ``path`` is a single object; otherwise every key under
         ``path/`` (the whole bucket for an empty path), folder markers skipped, with
-        relpaths relative to the prefix. ETags become ``Blob.version``."""
+        relpaths relative to the prefix. ETags become ``Blob.version``; checksums the
+        store offers become ``Blob.checksums`` (module docstring)."""
         bucket = self._require_bucket()
         client = self._client()
         key = path.lstrip("/")
+        listed: list[tuple[Mapping[str, Any], str]] = []
+        single = False
         try:
             if key and not key.endswith("/"):
                 first = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents", [])
                 if first and first[0].get("Key") == key:
-                    return Plan(blobs=(self._blob(first[0], key.rsplit("/", 1)[-1]),), single_object=True)
+                    listed, single = [(first[0], key.rsplit("/", 1)[-1])], True
                 prefix = key + "/"
             else:
                 prefix = key
-            blobs: list[Blob] = []
-            paginator = client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for entry in page.get("Contents", []):
-                    name = entry.get("Key", "")
-                    if name.endswith("/") or (
-                        entry.get("Size", 0) == 0 and name.endswith(_HADOOP_FOLDER_MARKER)
-                    ):
-                        continue
-                    blobs.append(self._blob(entry, name[len(prefix) :]))
+            if not single:
+                paginator = client.get_paginator("list_objects_v2")
+                for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                    for entry in page.get("Contents", []):
+                        name = entry.get("Key", "")
+                        if name.endswith("/") or (
+                            entry.get("Size", 0) == 0 and name.endswith(_HADOOP_FOLDER_MARKER)
+                        ):
+                            continue
+                        listed.append((entry, name[len(prefix) :]))
         except Exception as exc:
             if isinstance(exc, SidecarError):
                 raise
             raise translate_boto_error(exc, bucket=bucket, key=key or None, action="listing") from None
-        if not blobs:
+        if not listed:
             raise StorageNotFound(f"nothing found in s3 bucket '{bucket}' at '{key}'")
-        return Plan(blobs=tuple(blobs), single_object=False)
+        return Plan(blobs=self._blobs(bucket, listed), single_object=single)
 
     def open_range(self, blob: Blob, start: int, end: int) -> ByteStream:
         """GET bytes ``[start, end)`` of ``blob`` with a presigned URL over the shared
@@ -254,61 +473,142 @@ class S3Storage(Storage):
     # --- listing helpers ----------------------------------------------------------------
 
     def _require_bucket(self) -> str:
-        if not self._bucket:
+        if not self.options.bucket:
             raise StorageConfigError("s3 storage config has no bucket")
-        return self._bucket
+        return self.options.bucket
 
-    @staticmethod
-    def _blob(entry: Any, relpath: str) -> Blob:
-        etag = str(entry.get("ETag") or "").strip('"') or None
-        return Blob(name=entry["Key"], relpath=relpath, size=int(entry.get("Size", 0)), version=etag)
+    def _blobs(self, bucket: str, listed: list[tuple[Mapping[str, Any], str]]) -> tuple[Blob, ...]:
+        """The blobs of a listing, with the checksums the store announces. Sends the
+        HEADs the checksum policy asks for (module docstring); their errors are
+        translated like a read's."""
+        entries = [entry for entry, _ in listed]
+        heads: dict[str, Mapping[str, Any]] = {}
+        md5_etags = self.options.verify_etag
+        with_md5 = [e for e in entries if is_md5_etag(_etag(e))]
+        if md5_etags and with_md5:
+            probe = max(with_md5, key=lambda e: int(e.get("Size", 0)))
+            heads.update(self._heads(bucket, [probe]))
+            md5_etags = not any(etag_is_opaque(h) for h in heads.values())
+        wanted = [
+            e
+            for e in entries
+            if e["Key"] not in heads
+            and int(e.get("Size", 0)) >= CHECKSUM_HEAD_MIN_BYTES
+            and _verifiable_listed(e)
+            and not (md5_etags and is_md5_etag(_etag(e)))
+        ]
+        wanted.sort(key=lambda e: -int(e.get("Size", 0)))
+        heads.update(self._heads(bucket, wanted[:MAX_CHECKSUM_HEADS]))
+
+        blobs: list[Blob] = []
+        for entry, relpath in listed:
+            etag = _etag(entry)
+            checksums: dict[str, str] = {}
+            head = heads.get(entry["Key"])
+            if head is not None and _etag(head) != etag:
+                head = None  # replaced since the listing: its checksums are not of these bytes
+            if head is not None:
+                checksums.update(full_object_checksums(head, etag))
+            plain = (not etag_is_opaque(head)) if head is not None else md5_etags
+            if etag is not None and self.options.verify_etag and plain and is_md5_etag(etag):
+                checksums["md5"] = etag.lower()
+            blobs.append(
+                Blob(
+                    name=entry["Key"],
+                    relpath=relpath,
+                    size=int(entry.get("Size", 0)),
+                    version=etag,
+                    checksums=checksums,
+                )
+            )
+        return tuple(blobs)
+
+    def _heads(self, bucket: str, entries: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+        """``HeadObject(ChecksumMode=ENABLED)`` of each entry, a few at a time."""
+        if not entries:
+            return {}
+        client = self._client()
+
+        def head(key: str) -> Mapping[str, Any]:
+            try:
+                return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            except Exception as exc:
+                raise translate_boto_error(exc, bucket=bucket, key=key, action="reading") from None
+
+        keys = [str(e["Key"]) for e in entries]
+        if len(keys) == 1:
+            return {keys[0]: head(keys[0])}
+        with ThreadPoolExecutor(
+            max_workers=min(_HEAD_THREADS, len(keys)), thread_name_prefix="s3-head"
+        ) as pool:
+            return dict(zip(keys, pool.map(head, keys), strict=True))
 
     # --- the boto3 client ----------------------------------------------------------------
 
     def _client(self) -> S3Client:
-        """The boto3 client, built on first use (boto3 is imported here: it is slow)."""
+        """The boto3 client, built on first use (boto3 is imported here: it is slow).
+        Built outside the lock; when two threads race, one client is kept."""
+        with self._lock:
+            if self._client_instance is not None:
+                return self._client_instance
+        built = self._build_client()
         with self._lock:
             if self._client_instance is None:
-                self._client_instance = self._build_client()
-            return self._client_instance
+                self._client_instance = built
+                return built
+            kept = self._client_instance
+        built.close()
+        return kept
 
     def _build_client(self) -> S3Client:
         # deferred: importing boto3 costs ~0.3 s, kept off the start-up path
         import boto3
+        import botocore.session
         from botocore import UNSIGNED
         from botocore.config import Config
 
-        anonymous = _truthy(self.config.get("anonymous", False))
-        access_key = self.config.get("access_key_id") or None
-        secret_key = self.config.get("secret_access_key") or None
-        region = self.config.get("region") or None
+        options = self.options
+        verify = self._ca_file()
+        if verify is not None:
+            self._http().ssl_context()  # a broken bundle is a config error, found now
         timeout = self.settings.pull_timeout_seconds
         config = Config(
-            signature_version=UNSIGNED if anonymous else "s3v4",
+            signature_version=UNSIGNED if options.anonymous else "s3v4",
             connect_timeout=timeout,
             read_timeout=timeout,
             retries={"max_attempts": 3, "mode": "standard"},
-            s3={"addressing_style": "path" if self._endpoint_url else "auto"},
+            s3={"addressing_style": options.addressing_style},
+            proxies=boto_proxies(self.settings, options.endpoint_host()),
+            max_pool_connections=max(10, _HEAD_THREADS),
         )
         try:
+            core = botocore.session.Session()
+            if options.credentials_file:
+                core.set_config_variable("credentials_file", options.credentials_file)
             session = boto3.session.Session(
-                aws_access_key_id=None if anonymous else access_key,
-                aws_secret_access_key=None if anonymous else secret_key,
-                region_name=region,
+                aws_access_key_id=options.access_key_id,
+                aws_secret_access_key=options.secret_access_key,
+                aws_session_token=options.session_token,
+                region_name=options.region,
+                botocore_session=core,
+                profile_name=options.profile,
             )
-            return session.client(
-                "s3",
-                endpoint_url=self._endpoint_url,
-                config=config,
-                verify=self._ca_file(),
-            )
+            return session.client("s3", endpoint_url=options.endpoint_url, config=config, verify=verify)
         except Exception as exc:
-            raise translate_boto_error(exc, bucket=self._bucket, action="connecting to") from None
+            raise translate_boto_error(exc, bucket=options.bucket, action="connecting to") from None
 
     def _ca_file(self) -> str | None:
-        """boto3 wants a CA file: the inline certificate is written once under
-        ``ROOT_MODEL_DIR/_certs/<sha256>.pem`` (nowhere else)."""
-        pem = str(self.config.get("certificate") or "").strip()
+        """The CA bundle file for boto3: ``certificate_file`` (checked to be a file), or
+        the inline certificate written once under ``ROOT_MODEL_DIR/_certs/<sha256>.pem``
+        (nowhere else); None when neither is set."""
+        options = self.options
+        if options.certificate_file:
+            if not Path(options.certificate_file).is_file():
+                raise StorageConfigError(
+                    f"s3 storage config: certificate_file {options.certificate_file!r} is not a readable file"
+                )
+            return options.certificate_file
+        pem = options.certificate
         if not pem:
             return None
         digest = hashlib.sha256(pem.encode()).hexdigest()
@@ -348,6 +648,10 @@ class S3Storage(Storage):
     def _http(self) -> RangedHttp:
         with self._lock:
             if self._ranged is None:
-                pem = str(self.config.get("certificate") or "").strip()
-                self._ranged = RangedHttp(self.settings, "s3", cadata=pem or None)
+                self._ranged = RangedHttp(
+                    self.settings,
+                    "s3",
+                    cadata=self.options.certificate,
+                    cafile=self.options.certificate_file,
+                )
             return self._ranged

@@ -1,17 +1,25 @@
-"""The S3 backend against a real moto server (listing, ranged reads, errors, TLS,
-credentials) and against a small HTTP server of our own for answers moto never gives
-(rclone's 200 + Content-Range, 5xx, dropped connections, stale keep-alive)."""
+"""The S3 backend against real servers: moto (listing, ranged reads, errors, TLS,
+checksums, addressing, proxies) and ``rclone serve s3``, which checks credentials on
+every request (static keys, the default chain, profiles, anonymous); and against a
+small HTTP server of our own for answers moto never gives (rclone's 200 +
+Content-Range, 5xx, dropped connections, stale keep-alive)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import datetime
 import hashlib
 import http.server
 import ipaddress
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,10 +48,18 @@ from puller.model_key import ModelKey
 from puller.pull import Puller
 from puller.request import PullRequest
 from puller.storage.base import Blob
-from puller.storage.s3 import S3Storage
+from puller.storage.s3 import (
+    CHECKSUM_HEAD_MIN_BYTES,
+    S3Storage,
+    boto_proxies,
+    etag_is_opaque,
+    full_object_checksums,
+    is_md5_etag,
+)
 from tests.puller.conftest import make_settings
 from tests.servers.process import free_port
-from tests.servers.s3 import MotoS3Server
+from tests.servers.rclone import RcloneS3Server
+from tests.servers.s3 import CountingProxy, MotoS3Server
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +140,7 @@ def test_single_object(
     assert plan.single_object
     assert [(b.name, b.relpath, b.size) for b in plan.blobs] == [("models/m.bin", "m.bin", len(data))]
     assert plan.blobs[0].version == hashlib.md5(data).hexdigest()
+    assert plan.blobs[0].checksums["md5"] == hashlib.md5(data).hexdigest()
     assert storage.plan("/models/m.bin") == plan
     engine.fetch(storage, plan, tmp_path / "out", threading.Event())
     assert hashlib.sha256((tmp_path / "out" / "m.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
@@ -450,6 +467,32 @@ def test_https_with_an_inline_ca_certificate(
         )
 
 
+def test_https_with_a_ca_file(
+    moto_tls: MotoS3Server, make_s3: S3Factory, settings: Settings, tmp_path: Path
+) -> None:
+    assert moto_tls.tls is not None
+    moto_tls.create_bucket("tls-file-bucket")
+    moto_tls.put_object("tls-file-bucket", "m.bin", b"over tls")
+    storage = make_s3(
+        "tls-file-bucket", endpoint_url=moto_tls.endpoint_url, certificate_file=str(moto_tls.tls[2])
+    )
+    (blob,) = storage.plan("m.bin").blobs
+    assert read_all(storage, blob) == b"over tls"
+    assert not (settings.root_model_dir / "_certs").exists(), "a CA file is used where it is"
+
+    missing = tmp_path / "no-such-ca.pem"
+    with pytest.raises(StorageConfigError, match=r"no-such-ca\.pem"):
+        make_s3("tls-file-bucket", endpoint_url=moto_tls.endpoint_url, certificate_file=str(missing)).plan(
+            "m.bin"
+        )
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate")
+    with pytest.raises(StorageConfigError, match="certificate"):
+        make_s3("tls-file-bucket", endpoint_url=moto_tls.endpoint_url, certificate_file=str(not_pem)).plan(
+            "m.bin"
+        )
+
+
 # --- the byte path against answers moto does not give ------------------------------------------
 
 
@@ -642,3 +685,563 @@ def test_a_silent_server_times_out(scripted: ScriptedS3, make_s3: S3Factory, tmp
     finally:
         release.set()
     assert time.monotonic() - started < 3
+
+
+# --- the storage config ----------------------------------------------------------------------
+
+
+def s3_config(**fields: Any) -> StorageConfig:
+    return StorageConfig(type="s3", fields=fields)
+
+
+def test_fields_are_checked_before_anything_is_contacted(settings: Settings) -> None:
+    with pytest.raises(StorageConfigError, match="secret_access_key is missing"):
+        S3Storage(s3_config(bucket="b", access_key_id="AKIAONLYTHEKEY"), settings)
+    with pytest.raises(StorageConfigError, match="access_key_id is missing"):
+        S3Storage(s3_config(bucket="b", secret_access_key="lonely-secret"), settings)
+    with pytest.raises(StorageConfigError, match="not both"):
+        S3Storage(s3_config(bucket="b", certificate="PEM", certificate_file="/ca.pem"), settings)
+    with pytest.raises(StorageConfigError, match="addressing_style 'sideways'"):
+        S3Storage(s3_config(bucket="b", addressing_style="sideways"), settings)
+    # anonymous ignores whatever keys are left in the entry
+    S3Storage(s3_config(bucket="b", anonymous="true", access_key_id="AKIAONLYTHEKEY"), settings)
+
+
+def test_options_never_show_secrets(settings: Settings) -> None:
+    storage = S3Storage(
+        s3_config(
+            bucket="b",
+            access_key_id=" AKIAKEYWITHSPACE ",
+            secret_access_key="the-secret-value\n",
+            session_token="the-session-token",
+            certificate="-----BEGIN CERTIFICATE-----",
+        ),
+        settings,
+    )
+    assert storage.options.access_key_id == "AKIAKEYWITHSPACE"  # a pasted newline is harmless
+    assert storage.options.secret_access_key == "the-secret-value"
+    text = repr(storage.options) + repr(storage.config)
+    for secret in ("AKIAKEYWITHSPACE", "the-secret-value", "the-session-token", "BEGIN CERTIFICATE"):
+        assert secret not in text
+
+
+def test_empty_fields_count_as_absent(settings: Settings) -> None:
+    options = S3Storage(
+        s3_config(
+            bucket="b",
+            access_key_id="",
+            secret_access_key="  ",
+            session_token="",
+            profile="",
+            endpoint_url="",
+        ),
+        settings,
+    ).options
+    assert (options.access_key_id, options.secret_access_key, options.session_token, options.profile) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert options.endpoint_url is None
+    assert options.addressing_style == "auto"
+
+
+def test_default_addressing_style(settings: Settings) -> None:
+    def style(**fields: Any) -> str:
+        return S3Storage(s3_config(bucket="b", **fields), settings).options.addressing_style
+
+    assert style(endpoint_url="http://minio:9000") == "path"
+    assert style() == "auto"
+    assert style(endpoint_url="http://minio:9000", addressing_style="Virtual") == "virtual"
+    assert style(addressing_style="path") == "path"
+
+
+# --- credentials: static keys, the default chain, profiles, anonymous (rclone checks keys) -------
+
+
+RCLONE_KEY_ID = "rclone-test-key-id"
+
+
+@pytest.fixture(scope="module")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
+    server = RcloneS3Server(
+        tmp_path_factory.mktemp("rclone-root"),
+        access_key=RCLONE_KEY_ID,
+        secret_key=f"rclone-secret-{uuid.uuid4().hex}",
+        log_dir=tmp_path_factory.mktemp("rclone-logs"),
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def rclone_bucket(rclone_s3: RcloneS3Server) -> str:
+    name = f"bkt-{uuid.uuid4().hex[:12]}"
+    rclone_s3.create_bucket(name)
+    return name
+
+
+def write_credentials_file(path: Path, profiles: dict[str, tuple[str, str]]) -> Path:
+    """A shared credentials file (the ``~/.aws/credentials`` format)."""
+    lines = []
+    for name, (key_id, secret) in profiles.items():
+        lines += [f"[{name}]", f"aws_access_key_id = {key_id}", f"aws_secret_access_key = {secret}", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def chain_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An environment for a child process with no AWS settings of the caller's: only
+    ``extra`` (and no instance-metadata lookups, which would wait for timeouts here)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    empty_config = tmp_path / "aws-config"
+    empty_config.write_text("")
+    env.update(AWS_CONFIG_FILE=str(empty_config), AWS_EC2_METADATA_DISABLED="true", LOG_FORMAT="json")
+    env.update(extra)
+    return env
+
+
+def run_mesh_puller(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "mesh-puller"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_default_chain_finds_a_shared_credentials_file(
+    rclone_s3: RcloneS3Server, rclone_bucket: str, tmp_path: Path
+) -> None:
+    """A store config without keys: ``mesh-puller pull`` finds them where boto3's
+    default chain looks, here AWS_SHARED_CREDENTIALS_FILE."""
+    rclone_s3.put_object(rclone_bucket, "chain/model.bin", b"pulled with the default chain")
+    good = write_credentials_file(
+        tmp_path / "credentials", {"default": (rclone_s3.access_key, rclone_s3.secret_key)}
+    )
+    config_dir = tmp_path / "storage-config"
+    config_dir.mkdir()
+    uri = f"s3://{rclone_bucket}/chain"
+    endpoint = f"endpoint_url={rclone_s3.endpoint_url}"
+
+    result = run_mesh_puller(
+        ["pull", uri, str(tmp_path / "out"), "--param", endpoint],
+        chain_env(tmp_path, AWS_SHARED_CREDENTIALS_FILE=str(good), STORAGE_CONFIG_DIR=str(config_dir)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "chain" / "model.bin").read_bytes() == b"pulled with the default chain"
+
+    wrong_secret = f"wrong-{uuid.uuid4().hex}"
+    wrong = write_credentials_file(tmp_path / "wrong", {"default": (rclone_s3.access_key, wrong_secret)})
+    result = run_mesh_puller(
+        ["pull", uri, str(tmp_path / "out2"), "--param", endpoint],
+        chain_env(tmp_path, AWS_SHARED_CREDENTIALS_FILE=str(wrong), STORAGE_CONFIG_DIR=str(config_dir)),
+    )
+    assert result.returncode == 1
+    assert "StorageUnauthenticated" in result.stderr
+    assert wrong_secret not in result.stderr + result.stdout
+    assert not (tmp_path / "out2").exists()
+
+    # nothing anywhere in the chain: a clear error, not a hang on instance metadata
+    result = run_mesh_puller(
+        ["pull", uri, str(tmp_path / "out3"), "--param", endpoint],
+        chain_env(
+            tmp_path,
+            AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"),
+            STORAGE_CONFIG_DIR=str(config_dir),
+        ),
+    )
+    assert result.returncode == 1
+    assert "no complete s3 credentials" in result.stderr
+
+
+def test_the_default_chain_uses_web_identity(moto_s3: MotoS3Server, bucket: str, tmp_path: Path) -> None:
+    """IRSA's setup (a role and a projected token file in the environment): the child's
+    only credential source is web identity, through STS (served by moto here). The
+    reads are signed with the temporary key and carry its session token."""
+    moto_s3.put_object(bucket, "irsa/model.bin", b"pulled with a web identity")
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6bTpzIn0.c2ln")
+    config_dir = tmp_path / "storage-config"
+    config_dir.mkdir()
+    env = chain_env(
+        tmp_path,
+        AWS_ROLE_ARN="arn:aws:iam::123456789012:role/model-reader",
+        AWS_WEB_IDENTITY_TOKEN_FILE=str(token),
+        AWS_ENDPOINT_URL_STS=moto_s3.endpoint_url,
+        AWS_REGION="us-east-1",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"),
+        STORAGE_CONFIG_DIR=str(config_dir),
+    )
+    result = run_mesh_puller(
+        [
+            "pull",
+            f"s3://{bucket}/irsa",
+            str(tmp_path / "out"),
+            "--param",
+            f"endpoint_url={moto_s3.endpoint_url}",
+        ],
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "irsa" / "model.bin").read_bytes() == b"pulled with a web identity"
+    reads = [
+        line
+        for line in moto_s3.log_tail(limit=200_000).splitlines()
+        if f"GET /{bucket}/irsa/model.bin?" in line
+    ]
+    assert reads
+    assert all("X-Amz-Credential=ASIA" in line and "X-Amz-Security-Token=" in line for line in reads)
+
+
+def test_profile_and_credentials_file_fields(
+    rclone_s3: RcloneS3Server, rclone_bucket: str, tmp_path: Path, settings: Settings
+) -> None:
+    rclone_s3.put_object(rclone_bucket, "m.bin", b"profile bytes")
+    credentials = write_credentials_file(
+        tmp_path / "credentials",
+        {
+            "default": ("AKIANOTTHERIGHTONE00", "not-the-right-secret"),
+            "models": (rclone_s3.access_key, rclone_s3.secret_key),
+        },
+    )
+    base = {
+        "bucket": rclone_bucket,
+        "endpoint_url": rclone_s3.endpoint_url,
+        "credentials_file": str(credentials),
+    }
+
+    storage = S3Storage(s3_config(**base, profile="models", access_key_id="", secret_access_key=""), settings)
+    try:
+        (blob,) = storage.plan("m.bin").blobs
+        assert read_all(storage, blob) == b"profile bytes"
+    finally:
+        storage.close()
+
+    default_profile = S3Storage(s3_config(**base), settings)
+    with pytest.raises(StorageUnauthenticated) as info:
+        default_profile.plan("m.bin")
+    assert_no_secret(info.value, "not-the-right-secret", rclone_s3.secret_key)
+
+    # static keys win over the file
+    keys = S3Storage(
+        s3_config(**base, access_key_id=rclone_s3.access_key, secret_access_key=rclone_s3.secret_key),
+        settings,
+    )
+    assert [b.relpath for b in keys.plan("m.bin").blobs] == ["m.bin"]
+
+    with pytest.raises(StorageConfigError, match="profile 'nosuchprofile'"):
+        S3Storage(s3_config(**base, profile="nosuchprofile"), settings).plan("m.bin")
+    for made in (default_profile, keys):
+        made.close()
+
+
+def test_static_keys_with_a_session_token(
+    rclone_s3: RcloneS3Server, rclone_bucket: str, settings: Settings
+) -> None:
+    """The token travels with the request (rclone ignores it; a wrong secret still fails)."""
+    rclone_s3.put_object(rclone_bucket, "t.bin", b"token")
+    config = s3_config(
+        bucket=rclone_bucket,
+        endpoint_url=rclone_s3.endpoint_url,
+        access_key_id=rclone_s3.access_key,
+        secret_access_key=rclone_s3.secret_key,
+        session_token="a-session-token",
+    )
+    storage = S3Storage(config, settings)
+    try:
+        (blob,) = storage.plan("t.bin").blobs
+        assert read_all(storage, blob) == b"token"
+    finally:
+        storage.close()
+
+
+def test_anonymous_requests_are_unsigned(
+    rclone_s3: RcloneS3Server, rclone_bucket: str, settings: Settings
+) -> None:
+    """rclone refuses unsigned requests: with ``anonymous`` the keys of the entry are
+    not used, so the listing is refused."""
+    rclone_s3.put_object(rclone_bucket, "a.bin", b"private")
+    storage = S3Storage(
+        s3_config(
+            bucket=rclone_bucket,
+            endpoint_url=rclone_s3.endpoint_url,
+            access_key_id=rclone_s3.access_key,
+            secret_access_key=rclone_s3.secret_key,
+            anonymous=True,
+        ),
+        settings,
+    )
+    try:
+        with pytest.raises((StoragePermissionDenied, StorageUnauthenticated)):
+            storage.plan("a.bin")
+    finally:
+        storage.close()
+
+
+# --- checksums ---------------------------------------------------------------------------------
+
+
+def test_a_single_part_etag_is_announced_as_md5(
+    moto_s3: MotoS3Server, bucket: str, make_s3: S3Factory
+) -> None:
+    small = {f"m/{i}.bin": os.urandom(1000 + i) for i in range(5)}
+    for key, data in small.items():
+        moto_s3.put_object(bucket, key, data)
+    for blob in make_s3(bucket).plan("m").blobs:
+        assert blob.checksums["md5"] == hashlib.md5(small[blob.name]).hexdigest()
+    assert "md5" not in make_s3(bucket, verify_etag="false").plan("m").blobs[0].checksums
+
+
+def test_full_object_checksums_come_from_a_head(
+    moto_s3: MotoS3Server, bucket: str, make_s3: S3Factory
+) -> None:
+    data = os.urandom(CHECKSUM_HEAD_MIN_BYTES + 10)
+    moto_s3.client().put_object(Bucket=bucket, Key="big.bin", Body=data, ChecksumAlgorithm="SHA256")
+    (blob,) = make_s3(bucket).plan("big.bin").blobs
+    assert blob.checksums == {
+        "md5": hashlib.md5(data).hexdigest(),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def test_multipart_objects_have_no_md5_and_composite_checksums_are_skipped(
+    moto_s3: MotoS3Server, bucket: str, make_s3: S3Factory
+) -> None:
+    client = moto_s3.client()
+    parts = [os.urandom(5 * 1024 * 1024), os.urandom(3 * 1024 * 1024)]
+    upload = client.create_multipart_upload(Bucket=bucket, Key="mp.bin", ChecksumAlgorithm="SHA256")
+    done = []
+    for number, body in enumerate(parts, start=1):
+        part = client.upload_part(
+            Bucket=bucket,
+            Key="mp.bin",
+            UploadId=upload["UploadId"],
+            PartNumber=number,
+            Body=body,
+            ChecksumAlgorithm="SHA256",
+        )
+        done.append({"PartNumber": number, "ETag": part["ETag"], "ChecksumSHA256": part["ChecksumSHA256"]})
+    client.complete_multipart_upload(
+        Bucket=bucket, Key="mp.bin", UploadId=upload["UploadId"], MultipartUpload={"Parts": done}
+    )
+    (blob,) = make_s3(bucket).plan("mp.bin").blobs
+    assert blob.version is not None
+    assert blob.version.endswith("-2")
+    # moto sends the checksum of the part checksums without the "-2": not of the bytes
+    assert blob.checksums == {}
+
+
+def test_kms_encrypted_objects_have_no_md5(moto_s3: MotoS3Server, bucket: str, make_s3: S3Factory) -> None:
+    data = b"encrypted with a KMS key"
+    moto_s3.client().put_object(
+        Bucket=bucket, Key="kms/m.bin", Body=data, ServerSideEncryption="aws:kms", ChecksumAlgorithm="SHA256"
+    )
+    moto_s3.client().put_object(Bucket=bucket, Key="kms/n.bin", Body=b"x", ServerSideEncryption="aws:kms")
+    blobs = {b.relpath: b for b in make_s3(bucket).plan("kms").blobs}
+    # the probe (the largest object) is asked and keeps its full-object checksum
+    assert blobs["m.bin"].checksums == {"sha256": hashlib.sha256(data).hexdigest()}
+    # its neighbour, stored alike, is not taken for MD5 either
+    assert "md5" not in blobs["n.bin"].checksums
+
+
+def test_etags_from_rclone_are_md5(rclone_s3: RcloneS3Server, rclone_bucket: str, settings: Settings) -> None:
+    data = os.urandom(100_000)
+    rclone_s3.put_object(rclone_bucket, "r/m.bin", data)
+    storage = S3Storage(
+        s3_config(
+            bucket=rclone_bucket,
+            endpoint_url=rclone_s3.endpoint_url,
+            access_key_id=rclone_s3.access_key,
+            secret_access_key=rclone_s3.secret_key,
+        ),
+        settings,
+    )
+    try:
+        (blob,) = storage.plan("r/m.bin").blobs
+    finally:
+        storage.close()
+    assert blob.checksums == {"md5": hashlib.md5(data).hexdigest()}
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def test_full_object_checksums_of_a_head_answer() -> None:
+    data = b"model bytes"
+    sha = hashlib.sha256(data).digest()
+    crc = zlib.crc32(data).to_bytes(4, "big")
+    head = {
+        "ChecksumSHA256": _b64(sha),
+        "ChecksumCRC32": _b64(crc),
+        "ChecksumCRC32C": _b64(b"\x01\x02\x03\x04"),
+    }
+    assert full_object_checksums(head, "0" * 32) == {
+        "sha256": sha.hex(),
+        "crc32": f"{zlib.crc32(data):08x}",
+        "crc32c": "01020304",
+    }
+    # composite: "-N" on the value, or said by ChecksumType
+    assert full_object_checksums({"ChecksumSHA256": _b64(sha) + "-3"}, "a" * 32 + "-3") == {}
+    assert full_object_checksums({"ChecksumCRC32": _b64(crc), "ChecksumType": "COMPOSITE"}, "0" * 32) == {}
+    # a multipart object: only what is marked FULL_OBJECT counts
+    assert full_object_checksums({"ChecksumCRC32": _b64(crc)}, "a" * 32 + "-3") == {}
+    assert full_object_checksums(
+        {"ChecksumCRC32": _b64(crc), "ChecksumType": "FULL_OBJECT"}, "a" * 32 + "-3"
+    ) == {"crc32": crc.hex()}
+    # garbage and wrong lengths are ignored
+    assert full_object_checksums({"ChecksumSHA256": "not base64!", "ChecksumCRC32": _b64(sha)}, None) == {}
+
+
+def test_md5_etags_and_opaque_encryption() -> None:
+    assert is_md5_etag("0123456789abcdef0123456789ABCDEF")
+    assert not is_md5_etag("0123456789abcdef0123456789abcdef-2")
+    assert not is_md5_etag("W/xyz")
+    assert not is_md5_etag(None)
+    assert etag_is_opaque({"ServerSideEncryption": "aws:kms"})
+    assert etag_is_opaque({"ServerSideEncryption": "aws:kms:dsse"})
+    assert etag_is_opaque({"SSECustomerAlgorithm": "AES256"})
+    assert not etag_is_opaque({"ServerSideEncryption": "AES256"})
+
+
+# --- addressing and proxies ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy() -> Iterator[CountingProxy]:
+    server = CountingProxy()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def pull_with(settings: Settings, config: dict[str, Any], model_path: str) -> Path:
+    """Pull ``model_path`` through a real Puller; return the model's local path."""
+    settings.storage_config_dir.mkdir(parents=True, exist_ok=True)
+    (settings.storage_config_dir / "store").write_text(json.dumps({"type": "s3", **config}))
+    puller = Puller(settings)
+    puller.start()
+    try:
+        request = PullRequest("m1", model_path, ModelKey(storage_key="store"))
+        return asyncio.run(puller.pull(request)).path
+    finally:
+        puller.close()
+
+
+def test_listing_and_bytes_go_through_the_http_proxy(
+    moto_s3: MotoS3Server, bucket: str, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    files = {f"model/{i}.bin": os.urandom(100_000 + i) for i in range(3)}
+    for key, data in files.items():
+        moto_s3.put_object(bucket, key, data)
+    config = {
+        "bucket": bucket,
+        "endpoint_url": moto_s3.endpoint_url,
+        "access_key_id": "k",
+        "secret_access_key": "s",
+    }
+
+    settings = make_settings(tmp_path / "a", http_proxy=proxy.url)
+    path = pull_with(settings, config, "model")
+    assert tree(path) == {k.removeprefix("model/"): v for k, v in files.items()}
+    seen = proxy.seen()
+    assert all(target.startswith(moto_s3.endpoint_url + "/") for _, target, _ in seen)
+    gets = [target for method, target, _ in seen if method == "GET" and "list-type=2" not in target]
+    lists = [target for method, target, _ in seen if method == "GET" and "list-type=2" in target]
+    heads = [target for method, target, _ in seen if method == "HEAD"]
+    assert len(lists) >= 1
+    assert len(heads) == 1, "small objects with MD5 ETags: one HEAD (the encryption probe), no more"
+    assert len(gets) >= len(files)
+    assert all("X-Amz-Signature=" in target for target in gets)
+
+    # NO_PROXY names the endpoint: nothing goes through the proxy
+    before = len(proxy.seen())
+    settings = make_settings(tmp_path / "b", http_proxy=proxy.url, no_proxy="localhost,127.0.0.0/8")
+    assert tree(pull_with(settings, config, "model")) == tree(path)
+    assert len(proxy.seen()) == before
+
+
+def test_https_goes_through_a_connect_tunnel(
+    moto_tls: MotoS3Server, proxy: CountingProxy, tmp_path: Path
+) -> None:
+    assert moto_tls.tls is not None
+    moto_tls.create_bucket("tunnelled")
+    data = os.urandom(300_000)
+    moto_tls.put_object("tunnelled", "m/w.bin", data)
+    settings = make_settings(tmp_path, https_proxy=proxy.url)
+    config = {
+        "bucket": "tunnelled",
+        "endpoint_url": moto_tls.endpoint_url,
+        "access_key_id": "k",
+        "secret_access_key": "s",
+        "certificate_file": str(moto_tls.tls[2]),
+    }
+    assert (pull_with(settings, config, "m") / "w.bin").read_bytes() == data
+    seen = proxy.seen()
+    assert seen
+    assert {(method, target) for method, target, _ in seen} == {("CONNECT", f"127.0.0.1:{moto_tls.port}")}
+
+
+def test_virtual_hosted_addressing(moto_s3: MotoS3Server, proxy: CountingProxy, tmp_path: Path) -> None:
+    """``bucket.localhost`` resolves nowhere here but in the test proxy, which sends
+    every name to 127.0.0.1: the requests reach moto, which reads the bucket from the
+    Host header."""
+    bucket = f"vhost-{uuid.uuid4().hex[:10]}"
+    moto_s3.create_bucket(bucket)
+    data = os.urandom(200_000)
+    moto_s3.put_object(bucket, "m/w.bin", data)
+    endpoint = f"http://localhost:{moto_s3.port}"
+    config = {
+        "bucket": bucket,
+        "endpoint_url": endpoint,
+        "addressing_style": "virtual",
+        "access_key_id": "k",
+        "secret_access_key": "s",
+    }
+    settings = make_settings(tmp_path, http_proxy=proxy.url)
+    assert (pull_with(settings, config, "m") / "w.bin").read_bytes() == data
+    seen = proxy.seen()
+    assert seen
+    for _, target, host in seen:
+        assert target.startswith(f"http://{bucket}.localhost:{moto_s3.port}/")
+        assert host == f"{bucket}.localhost:{moto_s3.port}"
+
+
+def test_aws_defaults_to_virtual_hosted_addressing(proxy: CountingProxy, tmp_path: Path) -> None:
+    """Without endpoint_url the client talks to AWS, bucket in the host name. Nothing
+    leaves this machine: the test proxy sends the CONNECT to 127.0.0.1:443, where
+    nothing listens, and the listing fails as unavailable."""
+    settings = make_settings(tmp_path, https_proxy=proxy.url, pull_timeout_seconds=2.0)
+    storage = S3Storage(
+        s3_config(bucket="some-models", region="eu-west-1", access_key_id="k", secret_access_key="s"),
+        settings,
+    )
+    try:
+        with pytest.raises(StorageUnavailable):
+            storage.plan("m")
+    finally:
+        storage.close()
+    targets = {target for _, target, _ in proxy.seen()}
+    assert targets == {"some-models.s3.eu-west-1.amazonaws.com:443"}
+
+
+def test_boto_proxies_follow_the_settings(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, http_proxy="proxy.local:3128", https_proxy="https://user:pw@p:8443")
+    assert boto_proxies(settings, "minio.local") == {
+        "http": "http://proxy.local:3128",
+        "https": "https://user:pw@p:8443",
+    }
+    bypass = make_settings(tmp_path, http_proxy="proxy.local:3128", no_proxy=".local,10.0.0.0/8")
+    assert boto_proxies(bypass, "minio.local") == {}
+    assert boto_proxies(bypass, "10.1.2.3") == {}
+    assert boto_proxies(bypass, "s3.amazonaws.com") == {"http": "http://proxy.local:3128"}
+    assert boto_proxies(make_settings(tmp_path), "s3.amazonaws.com") == {}
