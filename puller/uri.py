@@ -35,9 +35,17 @@ def params_for_uri(uri: str) -> tuple[dict[str, str], str]:
         if parts.query:
             path = f"{path}?{parts.query}"
         return {"type": "http", "url": f"{scheme}://{parts.netloc}"}, path
+    if scheme == "oci":
+        # oci://registry[:port]/repository[:tag|@sha256:digest]
+        if not parts.netloc or not parts.path.strip("/"):
+            raise InvalidRequest(f"storage URI {uri!r} must name a registry and a repository")
+        reference = parts.path.lstrip("/")
+        if parts.query:
+            raise InvalidRequest(f"storage URI {uri!r}: an image reference takes no query string")
+        return {"type": "oci", "registry": parts.netloc}, reference
     if scheme == "file":
         return {"type": "file", "root": "/"}, unquote(parts.path)
     raise InvalidRequest(
         f"unsupported storage URI scheme {parts.scheme or '(none)'!r} in {uri!r} "
-        "(supported: s3, gs, pvc, http, https, file)"
+        "(supported: s3, gs, pvc, http, https, oci, file)"
     )

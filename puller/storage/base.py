@@ -38,6 +38,12 @@ class Blob:
     is what identifies these exact bytes (ETag, generation, version id), if known.
     ``ranged`` is False when the store cannot serve byte ranges of this blob: the
     engine then reads it as one stream.
+
+    Image layers (plans of kind ``layers``) also carry their ``media_type`` (which says
+    how to read them: ``...tar``, ``...tar+gzip``, ``...tar+zstd``, or a raw file) and
+    their ``annotations``; ``checksums["sha256"]`` is the layer's digest. A tar layer's
+    relpath is ``""`` (it unpacks at the model root); a raw layer's relpath is where its
+    bytes land.
     """
 
     name: str
@@ -46,6 +52,8 @@ class Blob:
     version: str | None = None
     checksums: Mapping[str, str] = field(default_factory=dict)
     ranged: bool = True
+    media_type: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,18 @@ class Plan:
     ``single_object``: the path named one object, which lands as a file at the model's
     local path; otherwise the path was a prefix and every blob lands under a directory.
     ``kind`` says how blobs become the model: ``files`` (each at its relpath),
-    ``archive`` (one blob to unpack), ``layers`` (image layers applied in order).
+    ``archive`` (one blob to unpack), ``layers`` (image layers applied in order, lowest
+    first, with whiteouts). For layers, ``subtree`` names the folder of the unpacked
+    image that becomes the model (``"models"`` for a KServe ModelCar image); ``None``
+    keeps the whole tree. ``source`` describes what was resolved (an image reference
+    with its digest), for logs.
     """
 
     blobs: tuple[Blob, ...]
     single_object: bool
     kind: Literal["files", "archive", "layers"] = "files"
+    subtree: str | None = None
+    source: str | None = None
 
     @property
     def total_bytes(self) -> int:
