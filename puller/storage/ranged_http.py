@@ -83,7 +83,7 @@ def _parse_proxy(value: str) -> Proxy | None:
     return Proxy(parts.hostname, parts.port or 80, auth)
 
 
-def _bypasses_proxy(host: str, no_proxy: str) -> bool:
+def bypasses_proxy(host: str, no_proxy: str) -> bool:
     """True when ``host`` matches an entry of NO_PROXY (names, ``.suffix``, ``*``,
     IP addresses and CIDR ranges)."""
     host = host.lower().strip("[]")
@@ -219,7 +219,7 @@ class RangedHttp:
 
     def _proxy_for(self, scheme: str, host: str) -> Proxy | None:
         proxy = self._https_proxy if scheme == "https" else self._http_proxy
-        if proxy is None or _bypasses_proxy(host, self.settings.no_proxy):
+        if proxy is None or bypasses_proxy(host, self.settings.no_proxy):
             return None
         return proxy
 

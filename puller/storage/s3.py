@@ -87,8 +87,7 @@ from adapter.errors import (
     StorageUnavailable,
 )
 from puller.storage.base import Blob, ByteStream, Plan, Storage
-from puller.storage.ranged_http import RangedHttp
-from puller.storage.ranged_http import _bypasses_proxy as bypasses_proxy
+from puller.storage.ranged_http import RangedHttp, bypasses_proxy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
