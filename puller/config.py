@@ -41,6 +41,24 @@ MAX_ENTRY_BYTES = 4 * 1024 * 1024
 DEFAULT_ENTRY = "default"
 
 
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def parse_flag(value: Any) -> bool | None:
+    """True, False, or None for a value that is neither (see ``StorageConfig.flag``)."""
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return None
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    return None
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """One resolved storage config: its ``type`` and its fields (after storage_params
@@ -53,6 +71,12 @@ class StorageConfig:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
+
+    def flag(self, key: str) -> bool | None:
+        """A yes/no field: True for ``true``/``1``/``yes``/``on`` (or JSON true), False
+        for ``false``/``0``/``no``/``off`` (or JSON false), None when absent or neither
+        (storage params arrive as strings, secrets written by hand as either)."""
+        return parse_flag(self.fields.get(key))
 
     def __repr__(self) -> str:
         return f"StorageConfig(type={self.type!r}, name={self.name!r}, fields={sorted(self.fields)})"

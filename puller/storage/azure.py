@@ -93,12 +93,6 @@ _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 AuthMode = Literal["shared_key", "sas", "token", "anonymous"]
 
 
-def _truthy(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
 def _where(container: str, name: str | None, endpoint: str) -> str:
     return f"azure container '{container}'" + (f" at '{name}'" if name else "") + f" ({endpoint})"
 
@@ -284,7 +278,7 @@ class AzureBlobStorage(Storage):
                     f"azure storage config: a service principal needs {' and '.join(missing)} as well"
                 )
             return self._token_access(endpoint, container)
-        if _truthy(self.config.get("use_default_credential", False)):
+        if self.config.flag("use_default_credential"):
             return self._token_access(endpoint, container)
         stray = [n for n in ("client_id", "tenant_id") if self._text(n)]
         if stray:

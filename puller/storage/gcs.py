@@ -90,18 +90,6 @@ _OAUTH_ERROR = re.compile(r"^[a-z_]{1,40}$")
 Mode = Literal["anonymous", "service_account", "default"]
 
 
-def _truthy(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _falsy(value: Any) -> bool:
-    if isinstance(value, bool):
-        return not value
-    return str(value).strip().lower() in ("0", "false", "no", "off")
-
-
 def _checksum_hex(value: Any, size: int) -> str | None:
     """A base64 digest from the object metadata as lower-case hex, or None when it is
     absent or not ``size`` bytes of valid base64."""
@@ -257,7 +245,7 @@ class GCSStorage(Storage):
     def _select_mode(config: StorageConfig) -> Mode:
         has_key = bool(str(config.get("private_key") or "").strip())
         has_email = bool(str(config.get("client_email") or "").strip())
-        if _truthy(config.get("anonymous", False)):
+        if config.flag("anonymous"):
             return "anonymous"
         if has_key != has_email:
             raise StorageConfigError(
@@ -265,7 +253,7 @@ class GCSStorage(Storage):
             )
         if has_key:
             return "service_account"
-        if _truthy(config.get("use_default_credentials", False)) or _falsy(config.get("anonymous", "")):
+        if config.flag("use_default_credentials") or config.flag("anonymous") is False:
             return "default"
         return "anonymous"
 

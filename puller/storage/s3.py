@@ -146,18 +146,6 @@ _TRANSIENT_CODES = frozenset(
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 
 
-def _truthy(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _falsy(value: Any) -> bool:
-    if isinstance(value, bool):
-        return not value
-    return str(value).strip().lower() in ("0", "false", "no", "off")
-
-
 def _public_endpoint(endpoint_url: str) -> str:
     """The endpoint without any ``user:password@`` part, for messages and identity."""
     parts = urllib.parse.urlsplit(endpoint_url)
@@ -208,7 +196,7 @@ class S3Options:
         if endpoint and "://" not in endpoint:
             endpoint = "https://" + endpoint
         key_id, secret = _text(config, "access_key_id"), _text(config, "secret_access_key")
-        anonymous = _truthy(config.get("anonymous", False))
+        anonymous = config.flag("anonymous") is True
         if not anonymous and (key_id is None) != (secret is None):
             missing = "secret_access_key" if secret is None else "access_key_id"
             raise StorageConfigError(f"s3 storage config: {missing} is missing (the two keys go together)")
@@ -235,7 +223,7 @@ class S3Options:
             credentials_file=None if anonymous else _text(config, "credentials_file"),
             certificate=certificate,
             certificate_file=certificate_file,
-            verify_etag=not _falsy(config.get("verify_etag", True)),
+            verify_etag=config.flag("verify_etag") is not False,
         )
 
     def endpoint_host(self) -> str:
