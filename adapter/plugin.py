@@ -139,7 +139,12 @@ def load_runtime_class(name: str) -> type[RuntimePlugin]:
     if not matches:
         known = ", ".join(available_runtimes()) or "none"
         raise ConfigurationError(f"unknown runtime {name!r} (installed: {known})")
-    cls = matches[0].load()
+    try:
+        cls = matches[0].load()
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"runtime {name!r} is installed but cannot be imported ({type(exc).__name__}: {exc.name or exc})"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, RuntimePlugin)):
         raise ConfigurationError(f"entry point {name!r} does not name a RuntimePlugin subclass")
     return cls
