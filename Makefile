@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 runtimes: venv
 	$(BIN)/python -m tests.servers.venvs mlserver
 	$(BIN)/python -m tests.servers.azurite install
+	$(BIN)/python -m tests.servers.registry install
 
 protos: venv
 	$(BIN)/python -m protos.generate

@@ -150,7 +150,7 @@ def unpack_archive(
             raise StorageError(f"cannot unpack '{label}' into {dest}: the folder is not empty")
     except OSError as exc:
         raise _local_error(exc, f"creating {dest}") from exc
-    unpacker = _Unpacker(label, dest, max_bytes, max_members, cancel)
+    unpacker = TarUnpacker(label, dest, max_bytes, max_members, cancel)
     if kind == ZIP:
         unpacker.unpack_zip(archive)
     else:
@@ -178,7 +178,7 @@ class _RawReader(Protocol):
     def tell(self) -> int: ...
 
 
-class _Unpacker:
+class TarUnpacker:
     """The state of one unpacking: what was declared, written and created so far."""
 
     def __init__(

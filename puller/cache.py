@@ -22,6 +22,12 @@ above 1 is in use and is never evicted; the others are evicted least recently us
 first (last use = the metadata file's mtime, so it survives a restart) until the
 cache holds at most ``max_bytes``. A blob larger than ``max_bytes`` is not cached.
 
+Tree entries (:meth:`ContentCache.admit_tree`, used for unpacked image layers) are a
+folder in place of the file: its regular files read-only, its folders not (nothing
+links a folder), with a small JSON ``info`` kept in the metadata. Such an entry counts
+its unpacked bytes, is pinned while a pull links from it, and is in use while any of
+its files has more links than the tree itself holds.
+
 Every method is blocking and thread-safe; the puller calls them from worker threads.
 """
 
@@ -38,9 +44,10 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -116,6 +123,19 @@ class _Entry:
     key: str
     size: int
     last_used: float
+    #: a tree entry's info (see :meth:`ContentCache.admit_tree`); None for a blob file
+    info: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class CachedTree:
+    """A tree entry held by one pull: pinned (never evicted) until
+    :meth:`ContentCache.release`. ``path`` is the folder, ``info`` what was stored with
+    it; neither may be changed."""
+
+    key: str
+    path: Path
+    info: Mapping[str, Any]
 
 
 @dataclass
@@ -241,6 +261,8 @@ class ContentCache:
             return None
         if not isinstance(data, dict) or data.get("format") != _META_FORMAT:
             return None
+        if data.get("kind") == "tree":
+            return ContentCache._read_tree_entry(shard, key, data, meta_stat, blob_stat)
         try:
             blob = Blob(
                 name=str(data["name"]),
@@ -262,6 +284,31 @@ class ContentCache:
                 (shard / key).chmod(READ_ONLY)
         return _Entry(key=key, size=blob.size, last_used=meta_stat.st_mtime)
 
+    @staticmethod
+    def _read_tree_entry(
+        shard: Path, key: str, data: dict[str, Any], meta_stat: os.stat_result, tree_stat: os.stat_result
+    ) -> _Entry | None:
+        try:
+            blob = Blob(
+                name=str(data["name"]),
+                relpath="",
+                size=int(data["size"]),
+                version=str(data["version"] or "") or None,
+            )
+            size = int(data["bytes"])
+            info = data["info"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if (
+            cache_key(str(data.get("identity", "")), blob) != key
+            or shard.name != key[:2]
+            or not stat.S_ISDIR(tree_stat.st_mode)
+            or not isinstance(info, dict)
+            or size < 0
+        ):
+            return None
+        return _Entry(key=key, size=size, last_used=meta_stat.st_mtime, info=info)
+
     # --- use ----------------------------------------------------------------------------
 
     def checkout(self, identity: str, placements: Sequence[tuple[Blob, Path]]) -> Checkout:
@@ -278,7 +325,7 @@ class ContentCache:
             for blob, target in placements:
                 key = cache_key(identity, blob) if self._opened else None
                 entry = self._entries.get(key) if key is not None else None
-                if key is None or entry is None or entry.size != blob.size:
+                if key is None or entry is None or entry.info is not None or entry.size != blob.size:
                     result.misses.append(blob)
                     continue
                 try:
@@ -381,6 +428,88 @@ class ContentCache:
             tmp_blob.unlink(missing_ok=True)
             tmp_meta.unlink(missing_ok=True)
 
+    # --- tree entries -------------------------------------------------------------------
+
+    def pin_tree(self, identity: str, blob: Blob) -> CachedTree | None:
+        """The tree entry of ``blob`` (see :meth:`admit_tree`), marked used now and
+        pinned until :meth:`release`; None when there is none."""
+        key = cache_key(identity, blob)
+        if key is None or not self._opened:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.info is None:
+                return None
+            path = self.blob_path(key)
+            if not path.is_dir() or path.is_symlink():
+                self._forget(key)  # removed behind our back (the folder is swept at start)
+                return None
+            self._pins[key] = self._pins.get(key, 0) + 1
+            self._touch(entry, time.time())
+            return CachedTree(key=key, path=path, info=entry.info)
+
+    def release(self, tree: CachedTree) -> None:
+        """Unpin a tree returned by :meth:`pin_tree` or :meth:`admit_tree`."""
+        with self._lock:
+            left = self._pins.get(tree.key, 0) - 1
+            if left > 0:
+                self._pins[tree.key] = left
+            else:
+                self._pins.pop(tree.key, None)
+
+    def admit_tree(
+        self, identity: str, blob: Blob, tree: Path, *, size: int, info: Mapping[str, Any]
+    ) -> CachedTree | None:
+        """Move the finished, verified folder ``tree`` into the cache as the entry of
+        ``blob``, its regular files made read-only (``0444``, ``0555`` when
+        executable), with ``size`` (its unpacked bytes) counted against the cap and
+        ``info`` (JSON) kept beside it. Returns it pinned (:meth:`release` it), or None
+        when it was not added: no version, larger than the cap, already cached, or a
+        filesystem error (logged; the cache never fails a pull). On None the folder
+        stays at ``tree`` (possibly made read-only)."""
+        key = cache_key(identity, blob)
+        if key is None or size > self.max_bytes or not self._opened:
+            return None
+        with self._lock:
+            if key in self._entries:
+                return None
+        tmp_meta = self._tmp / f"{key}.{uuid.uuid4().hex}{_META_SUFFIX}"
+        meta = {
+            "format": _META_FORMAT,
+            "kind": "tree",
+            "identity": identity,
+            "name": blob.name,
+            "version": blob.version,
+            "size": blob.size,
+            "bytes": size,
+            "info": dict(info),
+        }
+        try:
+            _make_tree_read_only(tree)
+            tmp_meta.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+            shard = self._blobs / key[:2]
+            shard.mkdir(exist_ok=True)
+            with self._lock:
+                if key in self._entries:  # another pull added it meanwhile
+                    return None
+                target = self.blob_path(key)
+                tree.rename(target)
+                try:
+                    tmp_meta.replace(self._meta_path(key))  # the entry is complete from here
+                except OSError:
+                    target.rename(tree)
+                    raise
+                entry = _Entry(key=key, size=size, last_used=time.time(), info=dict(info))
+                self._entries[key] = entry
+                self._pins[key] = self._pins.get(key, 0) + 1
+                self._publish()
+                return CachedTree(key=key, path=target, info=entry.info or {})
+        except OSError as exc:
+            log.warning("content cache: could not add a tree", blob=blob.name, error=exc.strerror or str(exc))
+            return None
+        finally:
+            tmp_meta.unlink(missing_ok=True)
+
     # --- eviction -----------------------------------------------------------------------
 
     def evict(self) -> list[str]:
@@ -399,9 +528,14 @@ class ContentCache:
                     continue
                 blob = self.blob_path(entry.key)
                 try:
-                    if blob.lstat().st_nlink > 1:
+                    if entry.info is not None:
+                        if _tree_in_use(blob):
+                            continue  # a model directory links one of its files
+                        shutil.rmtree(blob)
+                    elif blob.lstat().st_nlink > 1:
                         continue  # a model directory links it
-                    blob.unlink()
+                    else:
+                        blob.unlink()
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
@@ -417,6 +551,32 @@ class ContentCache:
                 self.metrics.cache_evictions.inc(len(removed))
             log.info("content cache: evicted unused blobs", count=len(removed), bytes_left=total)
         return removed
+
+
+def _make_tree_read_only(tree: Path) -> None:
+    """Every regular file below ``tree`` becomes ``0444`` (``0555`` when executable by
+    its owner); folders and links are left as they are. Raises ``OSError``."""
+    for folder, _dirs, files in os.walk(tree):
+        for name in files:
+            path = Path(folder) / name
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                path.chmod(0o555 if st.st_mode & stat.S_IXUSR else READ_ONLY)
+
+
+def _tree_in_use(tree: Path) -> bool:
+    """True when a regular file below ``tree`` has more links than the tree holds
+    (a model directory links it). Raises ``FileNotFoundError`` when ``tree`` is gone."""
+    tree.lstat()
+    names: dict[int, int] = {}
+    links: dict[int, int] = {}
+    for folder, _dirs, files in os.walk(tree):
+        for name in files:
+            st = (Path(folder) / name).lstat()
+            if stat.S_ISREG(st.st_mode):
+                names[st.st_ino] = names.get(st.st_ino, 0) + 1
+                links[st.st_ino] = st.st_nlink
+    return any(links[ino] > count for ino, count in names.items())
 
 
 def _remove(path: Path) -> None:

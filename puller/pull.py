@@ -31,6 +31,18 @@ the network but unpacks again (the tree is then private to the model, so a runti
 writing into it cannot touch another model's files). ``pull_into`` (a destination
 outside ROOT_MODEL_DIR) does not use the cache.
 
+Image layers (a plan of kind ``layers``: ``oci://`` ModelCar images, ModelKits,
+ModelPacks): the layers are applied by :func:`puller.layers.apply_layers` (parallel,
+verified against their digests, streamed into place, whiteouts applied) into
+``ROOT_MODEL_DIR/<model_id>/<image name>``, where the image name is the last path
+segment of the repository without its tag or digest (``oci://ghcr.io/org/resnet:v1``
+and ``.../resnet@sha256:...`` -> ``resnet``; ``_model`` when nothing usable is left).
+For a ModelCar image the folder holds what the image keeps under ``/models``. A
+``schema_path`` names a file inside that folder (the image's own schema), linked to
+``_schema.json``. With the cache on, unpacked layers are cached by digest (see
+:mod:`puller.layers`); the ``model pulled`` line carries ``source`` (the image
+reference with its resolved digest) and ``layers``.
+
 Observability: one ``model pulled`` log line per pull (bytes fetched, files, seconds,
 MB/s, cache hits and bytes served from the cache), ``pull progress`` lines every few
 seconds while bytes are fetched, and the Prometheus metrics of :mod:`puller.metrics`.
@@ -45,7 +57,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -61,9 +73,10 @@ from adapter.errors import (
 )
 from adapter.settings import Settings
 from puller.archive import is_archive, unpack_archive
-from puller.cache import Checkout, ContentCache
+from puller.cache import Checkout, ContentCache, link_or_copy
 from puller.config import StorageConfig, StorageConfigDirectory, resolve_storage
-from puller.engine import FetchStats, PullEngine
+from puller.engine import FetchStats, Progress, PullEngine
+from puller.layers import LayerStats, apply_layers
 from puller.metrics import UNKNOWN_BACKEND, PullMetrics, PullProgress, default_metrics
 from puller.model_key import ModelKey, validate_model_id
 from puller.placement import (
@@ -107,6 +120,19 @@ def local_model_name(model_path: str) -> str:
     return safe_relpath(trimmed.rsplit("/", 1)[-1])
 
 
+def image_model_name(reference: str) -> str:
+    """The local name of a model pulled from an image reference: the last path segment
+    of the repository without its tag or digest (``org/resnet:v1``,
+    ``registry:5000/org/resnet@sha256:...`` and ``oci://host/resnet`` all give
+    ``resnet``); ``_model`` when nothing usable is left (or it would be the schema's
+    name)."""
+    name = reference.strip().split("://", 1)[-1].split("@", 1)[0].strip("/")
+    name = name.rsplit("/", 1)[-1].split(":", 1)[0]
+    if name in ("", ".", "..", SCHEMA_FILE_NAME) or "\\" in name or "\x00" in name:
+        return DEFAULT_MODEL_NAME
+    return name
+
+
 def archive_model_name(archive_name: str) -> str:
     """The local name of the folder an archive unpacks to: ``archive_name`` without
     its archive suffix (``mnist.tar.gz`` -> ``mnist``), or without its last extension
@@ -147,12 +173,14 @@ class _Layout:
 
 @dataclass(frozen=True)
 class _Fetched:
-    """What filling a staging folder did: the engine's figures (bytes from the store)
-    and the blobs served from the cache."""
+    """What filling a staging folder did: the engine's figures (bytes from the store),
+    the blobs (or image layers) served from the cache, and for an image, what it was
+    resolved to and its layer count (extra fields of the ``model pulled`` line)."""
 
     stats: FetchStats
     cache_hits: int = 0
     cache_bytes: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 async def _run_to_end(future: Awaitable[T], on_cancel: Callable[[], None] | None = None) -> T:
@@ -275,15 +303,17 @@ class Puller:
 
         On return the model directory is complete: the model at
         ``<model_id>/<basename(model_path)>`` (a file for a single object, a folder for
-        a prefix, a link for a ``pvc``; for an archive, the folder it unpacked to, see
-        the module's notes) and the schema at ``<model_id>/_schema.json`` when the key
-        names one; an older directory of the same id was replaced. On any
+        a prefix, a link for a ``pvc``; for an archive, the folder it unpacked to; for
+        an image, ``<model_id>/<image name>``, see the module's notes) and the schema at
+        ``<model_id>/_schema.json`` when the key names one; an older directory of the
+        same id was replaced. On any
         error or cancellation no staging directory is left and the model directory is
         as it was before (absent, normally); worker threads have stopped before this
         returns or raises. Errors are :mod:`adapter.errors` types (``InvalidModelId``,
         ``UnsafePath`` for an object key or archive entry leading outside the model,
         ``StorageConfigError``, ``StorageNotFound``, ``ArchiveTooLarge`` and
-        ``BadArchive`` from :mod:`puller.archive`...).
+        ``BadArchive`` from :mod:`puller.archive`, ``IntegrityError`` for an image
+        layer whose digest is wrong...).
         """
         model_id = validate_model_id(request.model_id)
         key = request.model_key
@@ -360,6 +390,7 @@ class Puller:
             cache_hits=fetched.cache_hits,
             bytes_from_cache=fetched.cache_bytes,
             linked=storage.links_in_place,
+            **fetched.extra,
         )
         return local_name, size, FetchStats(bytes=stats.bytes, files=stats.files, seconds=seconds)
 
@@ -388,20 +419,71 @@ class Puller:
                 local_name,
                 size,
             )
-        layout = await self._plan(storage, model_path, key.schema_path, local_name)
+        plan = await asyncio.to_thread(storage.plan, model_path)
+        if plan.kind == "layers":
+            return await self._stage_layers(
+                storage,
+                plan,
+                image_model_name(storage.object_path(model_path)),
+                key.schema_path,
+                staging,
+                use_cache=use_cache,
+            )
+        layout = await self._layout(storage, plan, model_path, key.schema_path, local_name)
         fetched = await self._fill(storage, layout.plan, staging, use_cache=use_cache)
         if layout.archive is None:
             return fetched, local_name, layout.model_bytes
         size = await self._unpack(staging / layout.archive, staging / layout.unpack_to)
         return fetched, layout.unpack_to, size
 
-    async def _plan(
-        self, storage: Storage, model_path: str, schema_path: str | None, local_name: str
+    async def _stage_layers(
+        self,
+        storage: Storage,
+        plan: Plan,
+        local_name: str,
+        schema_path: str | None,
+        staging: Path,
+        *,
+        use_cache: bool,
+    ) -> tuple[_Fetched, str, int]:
+        """Apply the image layers of ``plan`` into ``staging/<local_name>`` (and link
+        the schema, a file of the model, to ``_schema.json``)."""
+        model = staging / local_name
+        cache = self.cache if use_cache else None
+
+        def apply(cancel: threading.Event, progress: Progress) -> LayerStats:
+            stats = apply_layers(
+                storage,
+                plan,
+                model,
+                cancel,
+                settings=self.settings,
+                progress=progress,
+                cache=cache,
+                engine=self.engine,
+            )
+            if schema_path:
+                _link_schema(model, schema_path, staging / SCHEMA_FILE_NAME)
+            return stats
+
+        stats = await self._with_progress(plan.total_bytes, apply)
+        extra: dict[str, object] = {"layers": stats.layers}
+        if plan.source:
+            extra["source"] = plan.source
+        fetched = _Fetched(
+            FetchStats(bytes=stats.bytes, files=stats.files, seconds=stats.seconds),
+            cache_hits=stats.cache_hits,
+            cache_bytes=stats.cache_bytes,
+            extra=extra,
+        )
+        return fetched, local_name, stats.model_bytes
+
+    async def _layout(
+        self, storage: Storage, plan: Plan, model_path: str, schema_path: str | None, local_name: str
     ) -> _Layout:
-        """One plan for the model and its schema, relpaths below the model directory,
-        every name checked; the model's own byte count; and whether the model is an
-        archive to unpack."""
-        plan = await asyncio.to_thread(storage.plan, model_path)
+        """One plan for the model (``plan``, the model path's listing) and its schema,
+        relpaths below the model directory, every name checked; the model's own byte
+        count; and whether the model is an archive to unpack."""
         if plan.kind not in ("files", "archive"):
             raise StorageError(
                 f"the store gave a plan of kind '{plan.kind}', which this puller cannot lay out yet"
@@ -461,14 +543,22 @@ class Puller:
         """Run the engine in a thread, logging progress every ``progress_interval``
         seconds; on cancellation stop it and wait until every worker has stopped
         before re-raising."""
+
+        def fetch(cancel: threading.Event, progress: Progress) -> FetchStats:
+            return self.engine.fetch(storage, plan, dest, cancel, progress=progress)
+
+        return await self._with_progress(plan.total_bytes, fetch)
+
+    async def _with_progress(self, total_bytes: int, work: Callable[[threading.Event, Progress], T]) -> T:
+        """Run ``work(cancel, progress)`` in a thread, logging a ``pull progress`` line
+        every ``progress_interval`` seconds from what ``progress`` counted; on
+        cancellation set ``cancel`` and wait until the thread has finished before
+        re-raising."""
         cancel = threading.Event()
-        progress = PullProgress(plan.total_bytes)
+        progress = PullProgress(total_bytes)
         reporter = asyncio.create_task(progress.report_every(self.progress_interval))
         try:
-            return await _run_to_end(
-                asyncio.to_thread(self.engine.fetch, storage, plan, dest, cancel, progress=progress.add),
-                on_cancel=cancel.set,
-            )
+            return await _run_to_end(asyncio.to_thread(work, cancel, progress.add), on_cancel=cancel.set)
         finally:
             reporter.cancel()
 
@@ -587,6 +677,19 @@ def _check_links_inside(top: Path) -> None:
                 real = os.path.realpath(path)
                 if real != real_top and not real.startswith(real_top + os.sep):
                     raise UnsafePath(f"the archive's link '{path.relative_to(top)}' leads outside the model")
+
+
+def _link_schema(model: Path, schema_path: str, target: Path) -> None:
+    """Link the file ``schema_path`` of a model pulled from an image (relative to the
+    model folder) to ``target``; a copy where hard links fail. Raises ``UnsafePath``
+    for a path leading outside the model, ``StorageNotFound`` when it is no file."""
+    source = safe_join(model, schema_path)
+    if not source.is_file() or source.is_symlink():
+        raise StorageNotFound(f"schema_path '{schema_path}' is not a file of the image's model")
+    try:
+        link_or_copy(source, target)
+    except OSError as exc:
+        raise StorageError(f"cannot link the schema '{schema_path}': {exc.strerror or exc}") from exc
 
 
 def _placements(plan: Plan, dest: Path) -> list[tuple[Blob, Path]]:
