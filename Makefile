@@ -11,10 +11,12 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/example_plugin/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the worked example of a third-party runtime plugin, for its conformance tests
+	$(BIN)/python -m pip install -q -e tests/example_plugin
 	touch $@
 
 # Runtime venvs (MLServer ...) live outside the checkout, keyed by their pinned

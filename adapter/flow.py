@@ -12,7 +12,6 @@ loaded; loads and unloads of one id run in arrival order (``adapter.sequencing``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import time
@@ -163,9 +162,11 @@ class ModelFlow:
     async def _purge(self) -> None:
         started = time.monotonic()
         loaded = await self.plugin.list_models()
-        for model_id in loaded:
-            with contextlib.suppress(ModelNotFound):
-                await self.plugin.unload(model_id)
+        # all at once: runtimes that batch (OVMS) then apply them in one reload
+        results = await asyncio.gather(*(self.plugin.unload(m) for m in loaded), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ModelNotFound):
+                raise result
         views = await asyncio.to_thread(self._purge_views)
         removed = await asyncio.to_thread(self.puller.purge) if self.puller is not None else []
         self._loaded.clear()

@@ -648,18 +648,19 @@ class Puller:
         await _run_to_end(asyncio.to_thread(remove_tree, aside.parent))
 
     def purge(self) -> list[str]:
-        """Remove every entry of ROOT_MODEL_DIR whose name does not start with ``_``
-        (models of a previous life) and everything under ``_tmp``; return the names of
-        the entries removed. The content cache (``_cache``) stays: its entries are
-        now unused and evictable, and serve the next pulls. Blocking: run it in a
-        thread."""
+        """Remove every model directory of ROOT_MODEL_DIR (a folder or a link whose
+        name does not start with ``_``: models of a previous life) and everything under
+        ``_tmp``; return the names removed. Plain files at the top are not models and
+        stay (a runtime's own config there, e.g. OVMS's ``model_config_list.json``).
+        The content cache (``_cache``) stays too: its entries are now unused and
+        evictable, and serve the next pulls. Blocking: run it in a thread."""
         removed: list[str] = []
         try:
             entries = sorted(self.root.iterdir())
         except FileNotFoundError:
             entries = []
         for entry in entries:
-            if entry.name.startswith("_"):
+            if entry.name.startswith("_") or (entry.is_file() and not entry.is_symlink()):
                 continue
             remove_tree(entry)
             removed.append(entry.name)
