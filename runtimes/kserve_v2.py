@@ -123,6 +123,20 @@ class KServeV2Client:
                 names.append(str(entry.name))
         return names
 
+    async def repository_states(self, timeout: float | None = None) -> dict[str, frozenset[str]]:  # noqa: ASYNC109 - gRPC deadline
+        """Every model in the server's repository -> the plain states of its versions
+        (``READY``, ``LOADING``, ``UNLOADING``, ``UNAVAILABLE``...). Triton reports one
+        entry per version; a model it lists but never loaded has an empty set."""
+        response = await self._call("RepositoryIndex", pb.RepositoryIndexRequest(), timeout)
+        states: dict[str, set[str]] = {}
+        for entry in response.models:
+            if not entry.name:
+                continue
+            seen = states.setdefault(str(entry.name), set())
+            if entry.state:
+                seen.add(model_state(str(entry.state)))
+        return {name: frozenset(found) for name, found in states.items()}
+
     async def load(self, name: str, timeout: float | None = None) -> None:  # noqa: ASYNC109 - gRPC deadline
         """Load (or reload) model ``name`` from the server's repository; returns once
         the server reports the load done."""
