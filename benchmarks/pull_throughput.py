@@ -240,13 +240,18 @@ def ensure_model(size_mib: int) -> SourceModel:
 def verify_copy(model: SourceModel, local_dir: Path) -> None:
     """Every source file at its relpath under ``local_dir`` with the same sha256, and
     nothing else there; ``BenchmarkError`` otherwise."""
+    verify_files(model.files, local_dir)
+
+
+def verify_files(files: Sequence[SourceFile], local_dir: Path) -> None:
+    """``verify_copy`` for any list of files (relpath, size, sha256)."""
     found = {p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file()}
-    expected = {f.relpath for f in model.files}
+    expected = {f.relpath for f in files}
     if found != expected:
         missing = sorted(expected - found)[:3]
         extra = sorted(found - expected)[:3]
         raise BenchmarkError(f"{local_dir}: missing {missing}, unexpected {extra}")
-    for f in model.files:
+    for f in files:
         with (local_dir / f.relpath).open("rb") as fh:
             actual = hashlib.file_digest(fh, "sha256").hexdigest()
         if actual != f.sha256:
@@ -351,7 +356,7 @@ class Measured:
     #: highest sum of VmRSS over the tree's processes seen in one sample (and at least
     #: the largest single process's peak)
     peak_tree_rss_kib: int
-    #: the largest single process's peak (VmHWM, wait4's ru_maxrss)
+    #: the largest single process's peak (VmHWM, as sampled)
     peak_process_rss_kib: int
     #: sum of each process's own peak: an upper bound for the tree
     sum_process_peaks_kib: int
@@ -412,7 +417,9 @@ def run_measured(
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     usage = reaped["usage"]
-    peak_process = max([usage.ru_maxrss, *memory.peaks.values()])
+    # not wait4's ru_maxrss: Linux carries the high-water mark of the memory the child
+    # was forked from (this benchmark's own) across exec into it
+    peak_process = max(memory.peaks.values(), default=0)
     return Measured(
         exit_code=proc.returncode,
         wall_seconds=reaped["ended"] - started,
@@ -794,25 +801,30 @@ def profile_puller(ctx: Context, out_raw: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True)
     out_raw.parent.mkdir(parents=True, exist_ok=True)
     argv, env, landed = tool_command(OURS, ctx, run_dir / "dest")
-    py_spy = str(ctx.bench_venv / "bin" / "py-spy")
-    spy = [
-        py_spy,
-        "record",
-        "--rate",
-        str(PROFILE_RATE),
-        "--nonblocking",
-        "--format",
-        "raw",
-        "--output",
-        str(out_raw),
-    ]
-    spy += ["--", *argv]
     log_path = run_dir / "output.log"
-    measured = run_measured(spy, env, log_path, ctx.timeout, cwd=run_dir)
+    measured = run_measured(
+        py_spy_command(ctx.bench_venv, out_raw, argv), env, log_path, ctx.timeout, cwd=run_dir
+    )
     if measured.exit_code != 0 or not out_raw.exists():
         return {"available": False, "reason": log_path.read_text(errors="replace")[-500:]}
     verify_copy(ctx.model, landed)
     shutil.rmtree(run_dir)
+    return summarize_profile(out_raw, measured.wall_seconds)
+
+
+def py_spy_command(bench_venv: Path, out_raw: Path, argv: Sequence[str]) -> list[str]:
+    """``argv`` under ``py-spy record`` of the benchmark venv: busy threads only,
+    ``PROFILE_RATE`` samples a second, raw (collapsed) stacks into ``out_raw``."""
+    py_spy = str(bench_venv / "bin" / "py-spy")
+    spy = [py_spy, "record", "--rate", str(PROFILE_RATE), "--nonblocking", "--format", "raw"]
+    return [*spy, "--output", str(out_raw), "--", *argv]
+
+
+def summarize_profile(
+    out_raw: Path, wall_seconds: float, packages: Sequence[str] = ("puller", "adapter")
+) -> dict[str, Any]:
+    """Where the samples of a raw py-spy profile fell, per function: the innermost
+    frames, and the innermost frames of our own code (``packages``)."""
     leaves: dict[str, int] = {}
     ours: dict[str, int] = {}
     total = 0
@@ -827,17 +839,17 @@ def profile_puller(ctx: Context, out_raw: Path) -> dict[str, Any]:
         leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
         # the innermost frame of our own code on this stack
         for frame in reversed(frames):
-            if any(f"({pkg}/" in frame for pkg in ("puller", "adapter")):
+            if any(f"({pkg}/" in frame for pkg in packages):
                 ours[frame] = ours.get(frame, 0) + count
                 break
 
     def top(counts: dict[str, int]) -> list[dict[str, Any]]:
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:12]
-        return [{"frame": name, "share": round(n / total, 3)} for name, n in ranked]
+        return [{"frame": name, "share": round(n / max(total, 1), 3)} for name, n in ranked]
 
     return {
         "available": True,
-        "wall_seconds": round(measured.wall_seconds, 3),
+        "wall_seconds": round(wall_seconds, 3),
         "busy_thread_seconds": round(total / PROFILE_RATE, 2),
         "samples": total,
         "top_leaves": top(leaves),
@@ -848,7 +860,7 @@ def profile_puller(ctx: Context, out_raw: Path) -> dict[str, Any]:
 # --- machine ---------------------------------------------------------------------------------
 
 
-def _cmd_output(argv: Sequence[str]) -> str:
+def cmd_output(argv: Sequence[str]) -> str:
     try:
         return subprocess.run(
             list(argv), capture_output=True, text=True, timeout=30, check=False
@@ -919,13 +931,13 @@ def other_load(
 
 def versions(bench_venv: Path) -> dict[str, str]:
     py = str(bench_venv / "bin" / "python")
-    kserve = _cmd_output([py, "-c", "import importlib.metadata as m; print(m.version('kserve-storage'))"])
-    commit = _cmd_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = _cmd_output(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    kserve = cmd_output([py, "-c", "import importlib.metadata as m; print(m.version('kserve-storage'))"])
+    commit = cmd_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = cmd_output(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
     return {
         "puller": f"{commit}{' + uncommitted changes' if dirty else ''}",
-        "rclone": (_cmd_output([str(DEV_BIN / "rclone"), "version"]).splitlines() or [""])[0],
-        "s5cmd": _cmd_output([str(s5cmd_binary(bench_venv)), "version"]),
+        "rclone": (cmd_output([str(DEV_BIN / "rclone"), "version"]).splitlines() or [""])[0],
+        "s5cmd": cmd_output([str(s5cmd_binary(bench_venv)), "version"]),
         "kserve-storage": kserve,
     }
 
