@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml tests/example_plugin/pyproject.toml
 # Runtime venvs (MLServer ...) live outside the checkout, keyed by their pinned
 # requirements, so a fresh clone reuses them and a fresh machine builds them once.
 runtimes: venv
-	$(BIN)/python -m tests.servers.venvs mlserver triton
+	$(BIN)/python -m tests.servers.venvs mlserver triton torchserve
 	$(BIN)/python -m tests.servers.azurite install
 	$(BIN)/python -m tests.servers.registry install
 

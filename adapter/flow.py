@@ -179,17 +179,23 @@ class ModelFlow:
         )
 
     def _purge_views(self) -> int:
-        count = 0
+        """Remove every view under the runtime's models folder: folders (through the
+        plugin, which knows the safe order) and links (TorchServe's ``.mar`` links).
+        Plain files are the runtime's own (TorchServe's config) and stay."""
         models_dir = self.plugin.models_dir
         if not models_dir.is_dir():
             models_dir.mkdir(parents=True, exist_ok=True)
             return 0
-        with os.scandir(models_dir) as entries:
-            names = [
-                e.name for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
-            ]
-        for name in names:
-            self.plugin.remove_view(name)
+        with os.scandir(models_dir) as scan:
+            entries = [e for e in scan if not e.name.startswith(".")]
+        count = 0
+        for entry in entries:
+            if entry.is_symlink():
+                Path(entry.path).unlink(missing_ok=True)
+            elif entry.is_dir(follow_symlinks=False):
+                self.plugin.remove_view(entry.name)
+            else:
+                continue
             count += 1
         return count
 

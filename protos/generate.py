@@ -22,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_FILES: tuple[str, ...] = (
     "protos/mmesh/model_runtime.proto",
     "protos/inference/grpc_service.proto",
+    "protos/torchserve/management.proto",
+    "protos/torchserve/inference.proto",
 )
 
 
