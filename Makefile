@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv runtimes protos lint test test-fast demo clean
+.PHONY: venv runtimes protos docs lint test test-fast demo clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ runtimes: venv
 
 protos: venv
 	$(BIN)/python -m protos.generate
+
+# the env-var table of docs/deploy.md, generated from adapter/settings.py
+docs: venv
+	$(BIN)/python deploy/docs/env_table.py --write
 
 lint: venv
 	$(BIN)/ruff check .
