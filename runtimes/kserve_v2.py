@@ -17,15 +17,27 @@ sees it too and can stop work nobody waits for), rather than an ``asyncio`` time
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 import grpc.aio
 
 from adapter.errors import ModelNotFound, RuntimeRejected, RuntimeUnavailable, SidecarError
+from adapter.plugin import RuntimePlugin
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from adapter.settings import Settings
+
+V2_SERVICE = "inference.GRPCInferenceService"
+#: ModelInfer and ModelMetadata, the model name being field 1 of both requests: the
+#: methodInfos of every runtime that speaks the KServe v2 protocol
+V2_METHOD_INFOS: Mapping[str, tuple[int, ...]] = {
+    f"{V2_SERVICE}/ModelInfer": (1,),
+    f"{V2_SERVICE}/ModelMetadata": (1,),
+}
 
 #: seconds a call may take when the caller gives no timeout
 DEFAULT_TIMEOUT = 10.0
@@ -178,3 +190,41 @@ def translate_rpc_error(
         return ModelNotFound(f"runtime does not know {subject} ({method}): {details}".rstrip(": "))
     code_name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     return RuntimeRejected(details or f"{method} failed with {code_name}", code=code_name)
+
+
+class KServeV2Plugin(RuntimePlugin):
+    """What every runtime managed over the KServe v2 gRPC API shares (MLServer,
+    Triton): the client on RUNTIME_PORT, readiness by ServerReady, the version from
+    ServerMetadata, and the v2 methodInfos. Subclasses add layout, load, unload and
+    listing."""
+
+    #: seconds for the readiness probe (runtimeStatus is polled every 2 s)
+    status_timeout: ClassVar[float] = 2.0
+    #: seconds for metadata, index and unload calls
+    call_timeout: ClassVar[float] = 10.0
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        host = settings.runtime_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 literal
+        self.client = KServeV2Client(f"{host}:{settings.management_port}", timeout=self.call_timeout)
+
+    async def start(self) -> None:
+        """Open the gRPC channel; does not wait for the runtime."""
+        await self.client.start()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def is_ready(self) -> bool:
+        """The runtime's ServerReady; ``False`` when it cannot be reached."""
+        return await self.client.server_ready(timeout=self.status_timeout)
+
+    async def runtime_version(self) -> str | None:
+        """The version in the runtime's ServerMetadata, ``None`` when it reports none."""
+        _, version = await self.client.server_metadata(timeout=self.call_timeout)
+        return version or None
+
+    def method_infos(self) -> Mapping[str, Sequence[int]]:
+        return V2_METHOD_INFOS

@@ -24,17 +24,16 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapter.errors import InvalidRequest, ModelNotFound, RuntimeRejected, UnsafePath
-from adapter.plugin import RuntimePlugin, link, remove_tree
+from adapter.plugin import link, remove_tree
 from puller.model_key import validate_model_id
-from runtimes.kserve_v2 import KServeV2Client
+from runtimes.kserve_v2 import KServeV2Plugin
 
 if TYPE_CHECKING:
-    from adapter.settings import Settings
     from puller.request import LocalModel
 
 #: the file MLServer discovers models by
@@ -68,51 +67,14 @@ V2_DATATYPES = frozenset(
     }
 )
 
-_V2_SERVICE = "inference.GRPCInferenceService"
 
-
-class MLServerPlugin(RuntimePlugin):
+class MLServerPlugin(KServeV2Plugin):
     """Seldon MLServer 1.x behind the KServe v2 gRPC API."""
 
     name: ClassVar[str] = "mlserver"
 
-    #: seconds for the readiness probe (runtimeStatus is polled every 2 s)
-    status_timeout: ClassVar[float] = 2.0
-    #: seconds for metadata and index calls
-    call_timeout: ClassVar[float] = 10.0
     #: seconds for an unload (the mesh retries failed unloads)
     unload_timeout: ClassVar[float] = 60.0
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        host = settings.runtime_host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # an IPv6 literal
-        self.client = KServeV2Client(f"{host}:{settings.management_port}", timeout=self.call_timeout)
-
-    async def start(self) -> None:
-        """Open the gRPC channel; does not wait for MLServer."""
-        await self.client.start()
-
-    async def close(self) -> None:
-        await self.client.close()
-
-    async def is_ready(self) -> bool:
-        """MLServer's ServerReady; ``False`` when it cannot be reached."""
-        return await self.client.server_ready(timeout=self.status_timeout)
-
-    async def runtime_version(self) -> str | None:
-        """The version in MLServer's ServerMetadata (e.g. ``1.7.1``), ``None`` when
-        it reports none."""
-        _, version = await self.client.server_metadata(timeout=self.call_timeout)
-        return version or None
-
-    def method_infos(self) -> Mapping[str, Sequence[int]]:
-        """ModelInfer and ModelMetadata, the model name being field 1 of both requests."""
-        return {
-            f"{_V2_SERVICE}/ModelInfer": (1,),
-            f"{_V2_SERVICE}/ModelMetadata": (1,),
-        }
 
     async def load(self, model_id: str, view: Path, model: LocalModel) -> int | None:
         """RepositoryModelLoad of ``model_id`` (its view must be in place); returns

@@ -64,6 +64,7 @@ from adapter.errors import (
 )
 from adapter.plugin import RuntimePlugin, link, remove_tree
 from puller.model_key import validate_model_id
+from runtimes.kserve_v2 import V2_METHOD_INFOS
 
 if TYPE_CHECKING:
     from adapter.settings import Settings
@@ -82,7 +83,6 @@ AVAILABLE = "AVAILABLE"
 _ANSWER_LIMIT = 16 * 1024 * 1024
 
 _TFS_SERVICE = "tensorflow.serving.PredictionService"
-_V2_SERVICE = "inference.GRPCInferenceService"
 
 
 @dataclass(frozen=True)
@@ -281,11 +281,7 @@ class OVMSPlugin(RuntimePlugin):
     def method_infos(self) -> Mapping[str, Sequence[int]]:
         """TF Serving's Predict (model name in ``model_spec.name``: fields 1, 1) and
         the KServe v2 ModelInfer and ModelMetadata (field 1)."""
-        return {
-            f"{_TFS_SERVICE}/Predict": (1, 1),
-            f"{_V2_SERVICE}/ModelInfer": (1,),
-            f"{_V2_SERVICE}/ModelMetadata": (1,),
-        }
+        return {f"{_TFS_SERVICE}/Predict": (1, 1), **V2_METHOD_INFOS}
 
     async def _config_answer(self) -> dict[str, Any]:
         status, answer = await asyncio.to_thread(self.rest.call, "GET", "/v1/config", self.call_timeout)

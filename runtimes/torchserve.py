@@ -62,7 +62,7 @@ from adapter.errors import (
 from adapter.plugin import RuntimePlugin
 from protos.torchserve import inference_pb2_grpc, management_pb2, management_pb2_grpc
 from puller.model_key import validate_model_id
-from runtimes.kserve_v2 import translate_rpc_error
+from runtimes.kserve_v2 import V2_METHOD_INFOS, translate_rpc_error
 
 if TYPE_CHECKING:
     from adapter.settings import Settings
@@ -89,7 +89,6 @@ _MAX_FILE_NAME = 255
 _HASHED_PREFIX = 180
 
 _INFERENCE_SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
-_V2_SERVICE = "inference.GRPCInferenceService"
 
 #: TorchServe is the server next to us: never through a proxy the environment names for
 #: storage traffic; describe and list answers of many models may be large
@@ -345,11 +344,7 @@ class TorchServePlugin(RuntimePlugin):
     def method_infos(self) -> Mapping[str, Sequence[int]]:
         """TorchServe's Predictions and the KServe v2 calls, the model name being
         field 1 of each request."""
-        return {
-            f"{_INFERENCE_SERVICE}/Predictions": (1,),
-            f"{_V2_SERVICE}/ModelInfer": (1,),
-            f"{_V2_SERVICE}/ModelMetadata": (1,),
-        }
+        return {f"{_INFERENCE_SERVICE}/Predictions": (1,), **V2_METHOD_INFOS}
 
     # --- layout --------------------------------------------------------------------
 

@@ -36,25 +36,22 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
 from adapter.errors import InvalidRequest, LoadTimeout, ModelNotFound
-from adapter.plugin import RuntimePlugin, link, remove_tree
+from adapter.plugin import link, remove_tree
 from puller.model_key import validate_model_id
-from runtimes.kserve_v2 import READY_STATE, KServeV2Client
+from runtimes.kserve_v2 import READY_STATE, KServeV2Plugin
 from runtimes.triton_config import CONFIG_FILE, generated_config, without_top_level_name
 
 if TYPE_CHECKING:
-    from adapter.settings import Settings
     from puller.request import LocalModel
 
 #: states in which a model holds (or is about to hold, or still holds) a place in Triton
 ACTIVE_STATES = frozenset({READY_STATE, "LOADING", "UNLOADING"})
-
-_V2_SERVICE = "inference.GRPCInferenceService"
 
 
 @dataclass(frozen=True)
@@ -93,47 +90,13 @@ MODEL_FORMATS: Mapping[str, tuple[ModelFormat, ...]] = {
 }
 
 
-class TritonPlugin(RuntimePlugin):
+class TritonPlugin(KServeV2Plugin):
     """NVIDIA Triton Inference Server 2.x behind the KServe v2 gRPC API."""
 
     name: ClassVar[str] = "triton"
 
-    #: seconds for the readiness probe (runtimeStatus is polled every 2 s)
-    status_timeout: ClassVar[float] = 2.0
-    #: seconds for metadata, index and unload calls
-    call_timeout: ClassVar[float] = 10.0
     #: first and longest pause between two looks at an unloading model
     unload_poll: ClassVar[tuple[float, float]] = (0.05, 0.5)
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        host = settings.runtime_host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # an IPv6 literal
-        self.client = KServeV2Client(f"{host}:{settings.management_port}", timeout=self.call_timeout)
-
-    async def start(self) -> None:
-        """Open the gRPC channel; does not wait for Triton."""
-        await self.client.start()
-
-    async def close(self) -> None:
-        await self.client.close()
-
-    async def is_ready(self) -> bool:
-        """Triton's ServerReady; ``False`` when it cannot be reached."""
-        return await self.client.server_ready(timeout=self.status_timeout)
-
-    async def runtime_version(self) -> str | None:
-        """The version in Triton's ServerMetadata (e.g. ``2.51.0``)."""
-        _, version = await self.client.server_metadata(timeout=self.call_timeout)
-        return version or None
-
-    def method_infos(self) -> Mapping[str, Sequence[int]]:
-        """ModelInfer and ModelMetadata, the model name being field 1 of both requests."""
-        return {
-            f"{_V2_SERVICE}/ModelInfer": (1,),
-            f"{_V2_SERVICE}/ModelMetadata": (1,),
-        }
 
     async def load(self, model_id: str, view: Path, model: LocalModel) -> int | None:
         """RepositoryModelLoad of ``model_id``, which returns once the model is READY
