@@ -13,6 +13,11 @@ under a new model id (and again after an unload) through ``Puller.pull``.
 Results: a table on stdout, ``benchmarks/results/pull_throughput-<date>.json`` and the
 plot ``docs/img/pull_throughput.png``. See ``benchmarks/README.md``.
 
+For work on the puller itself: ``--variant LABEL=PYTHONPATH=...`` (or ``PULL_*``
+settings) runs our tools again as ``TOOL@LABEL``, interleaved with the others, and
+``--engine-only`` times ``PullEngine.fetch`` alone (one process per tool and variant,
+start-up and listing excluded), which resolves much smaller differences in CPU per byte.
+
 Run with the project's venv (``.venv/bin/python benchmarks/pull_throughput.py``): the
 puller and the rclone binary come from there; s5cmd, kserve-storage, matplotlib and
 py-spy from the benchmark's own venv (``benchmarks/requirements.txt``), built on first
@@ -67,6 +72,8 @@ TOOLS = ("mesh-puller", "s5cmd", "kserve-storage")
 EXTRA_TOOLS = ("mesh-puller-no-md5",)
 BASELINE = "s5cmd"
 OURS = "mesh-puller"
+#: our tools, which ``--variant`` runs again with other settings or another checkout
+OUR_TOOLS = ("mesh-puller", "mesh-puller-no-md5")
 
 BUCKET = "bench"
 PREFIX = "model"
@@ -532,6 +539,8 @@ class Context:
     timeout: float
     #: CPU seconds other processes used during the timed runs, by command
     others: dict[str, float] = field(default_factory=dict)
+    #: ``--variant``: label -> environment (PYTHONPATH, PULL_* settings) of that variant
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def base_env() -> dict[str, str]:
@@ -565,7 +574,13 @@ def s5cmd_binary(bench_venv: Path) -> Path:
 
 def tool_command(tool: str, ctx: Context, dest: Path) -> tuple[list[str], dict[str, str], Path]:
     """The command pulling the model into ``dest``, its environment, and the folder
-    where the model's files land."""
+    where the model's files land. ``TOOL@LABEL`` is our tool with the environment of
+    ``--variant LABEL``."""
+    if "@" in tool:
+        base, label = tool.split("@", 1)
+        argv, env, landed = tool_command(base, ctx, dest)
+        env.update(ctx.variants[label])
+        return argv, env, landed
     env = base_env()
     uri = f"s3://{BUCKET}/{PREFIX}"
     endpoint = ctx.server.endpoint_url
@@ -788,6 +803,128 @@ def measure_cached_reload(ctx: Context, repeats: int, keep: bool) -> dict[str, A
         "cold_seconds": figures["cold"]["seconds"],
         "figures": figures,
     }
+
+
+# --- the engine alone (runs in the project's venv) ----------------------------------------
+
+
+def engine_fetch_child(
+    config_dir: Path, storage_key: str, dest_root: Path, rclone_pid: int, count: int
+) -> None:
+    """Plan the model once, then fetch it ``count`` times with one ``PullEngine``
+    (``PULL_*`` settings from the environment); print one JSON line per fetch: its
+    wall and CPU seconds (this process only: no start-up, no listing) and rclone's CPU
+    seconds meanwhile. Every fetch but the last is deleted (and synced) at once."""
+    from adapter.settings import Settings
+    from puller.config import StorageConfig
+    from puller.engine import PullEngine
+    from puller.storage.s3 import S3Storage
+
+    settings = Settings.from_env(root_model_dir=dest_root, log_level="warning")
+    entry = json.loads((config_dir / storage_key).read_text())
+    storage = S3Storage(StorageConfig(type=entry.pop("type"), fields=entry, name=storage_key), settings)
+    engine = PullEngine(settings)
+    try:
+        plan = storage.plan(PREFIX)
+        for index in range(count):
+            dest = dest_root / f"fetch-{index}"
+            rclone_before = process_cpu_seconds(rclone_pid)
+            usage_before = resource.getrusage(resource.RUSAGE_SELF)
+            started = time.monotonic()
+            stats = engine.fetch(storage, plan, dest, threading.Event())
+            wall = time.monotonic() - started
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            rclone = process_cpu_seconds(rclone_pid) - rclone_before
+            figures = {
+                "dest": str(dest),
+                "bytes": stats.bytes,
+                "wall_seconds": round(wall, 4),
+                "user_seconds": round(usage.ru_utime - usage_before.ru_utime, 3),
+                "system_seconds": round(usage.ru_stime - usage_before.ru_stime, 3),
+                "rclone_cpu_seconds": round(rclone, 3),
+            }
+            print(json.dumps(figures), flush=True)
+            if index + 1 < count:
+                shutil.rmtree(dest)
+                os.sync()
+    finally:
+        engine.close()
+        storage.close()
+
+
+def measure_engine(args: argparse.Namespace, ctx: Context) -> list[dict[str, Any]]:
+    """``--engine-only``: round-robin over our tools (and their variants), each run a
+    child fetching the model ``--engine-fetches`` times in one process; the last copy
+    of each run is checked by sha256. Returns one summary per tool."""
+    ours = [tool for tool in args.tools if tool.split("@", 1)[0] in OUR_TOOLS]
+    runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in ours}
+    for round_no in range(1, args.rounds + 1):
+        shift = (round_no - 1) % len(ours)
+        for tool in ours[shift:] + ours[:shift]:
+            _, env, _ = tool_command(tool, ctx, ctx.work)
+            key = STORAGE_KEY if tool.split("@", 1)[0] == OURS else STORAGE_KEY_NO_MD5
+            run_dir = ctx.work / "runs" / f"engine-r{round_no}-{tool}"
+            run_dir.mkdir(parents=True)
+            argv = [str(DEV_BIN / "python"), str(Path(__file__).resolve()), "_engine-fetch"]
+            argv += [str(ctx.config_dir), key, str(run_dir), str(ctx.server.pid), str(args.engine_fetches)]
+            done = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=ctx.timeout * 2, check=False
+            )
+            lines = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith('{"dest"')]
+            if done.returncode != 0 or len(lines) != args.engine_fetches:
+                raise BenchmarkError(f"{tool}: the engine fetch failed:\n{done.stderr[-2000:]}")
+            verify_copy(ctx.model, Path(lines[-1]["dest"]))
+            shutil.rmtree(run_dir)
+            os.sync()
+            for figures in lines:
+                gb = figures["bytes"] / 1e9
+                cpu = figures["user_seconds"] + figures["system_seconds"]
+                runs[tool].append(figures)
+                speed = figures["bytes"] / 1e6 / figures["wall_seconds"]
+                print(
+                    f"  round {round_no}  {tool:<28}{speed:>8.1f} MB/s  "
+                    f"CPU {cpu / gb:.3f} s/GB (user {figures['user_seconds'] / gb:.3f})  "
+                    f"rclone {figures['rclone_cpu_seconds'] / gb:.3f} s/GB",
+                    flush=True,
+                )
+    summaries = []
+    for tool, figures in runs.items():
+        gb = figures[0]["bytes"] / 1e9
+        cpu = [(f["user_seconds"] + f["system_seconds"]) / gb for f in figures]
+        speeds = [f["bytes"] / 1e6 / f["wall_seconds"] for f in figures]
+        summaries.append(
+            {
+                "tool": tool,
+                "fetches": len(figures),
+                "median_mb_per_s": round(statistics.median(speeds), 1),
+                "max_mb_per_s": round(max(speeds), 1),
+                "median_cpu_seconds_per_gb": round(statistics.median(cpu), 3),
+                "min_cpu_seconds_per_gb": round(min(cpu), 3),
+                "median_user_seconds_per_gb": round(
+                    statistics.median(f["user_seconds"] / gb for f in figures), 3
+                ),
+                "median_rclone_cpu_seconds_per_gb": round(
+                    statistics.median(f["rclone_cpu_seconds"] / gb for f in figures), 3
+                ),
+                "fetch_runs": figures,
+            }
+        )
+    return summaries
+
+
+def format_engine_table(summaries: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'tool':<30}{'median MB/s':>12}{'max':>8}{'CPU s/GB':>10}{'min':>7}"
+        f"{'user s/GB':>11}{'rclone s/GB':>13}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        lines.append(
+            f"{s['tool']:<30}{s['median_mb_per_s']:>12.1f}{s['max_mb_per_s']:>8.1f}"
+            f"{s['median_cpu_seconds_per_gb']:>10.3f}{s['min_cpu_seconds_per_gb']:>7.3f}"
+            f"{s['median_user_seconds_per_gb']:>11.3f}{s['median_rclone_cpu_seconds_per_gb']:>13.3f}"
+        )
+    return "\n".join(lines)
 
 
 # --- profile -------------------------------------------------------------------------------
@@ -1192,6 +1329,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--note", default="", help="free text stored with the results (what else ran)")
     parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="no tool runs: time PullEngine.fetch of our tools (and variants) in one process each, "
+        "start-up and listing excluded",
+    )
+    parser.add_argument(
+        "--engine-fetches", type=int, default=2, help="fetches per process with --engine-only (default 2)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=NAME=VALUE[,NAME=VALUE...]",
+        help="run our tools of --tools once more per round as TOOL@LABEL, with these variables "
+        "(PYTHONPATH: another checkout; PULL_*: settings); repeatable",
+    )
+    parser.add_argument(
         "--markdown",
         type=Path,
         metavar="RESULTS_JSON",
@@ -1202,10 +1356,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.tools) - set(TOOLS + EXTRA_TOOLS))
     if unknown or not args.tools:
         parser.error(f"--tools: unknown {unknown}; choose from {', '.join(TOOLS + EXTRA_TOOLS)}")
+    args.variants = {}
+    for spec in args.variant:
+        label, _, assignments = spec.partition("=")
+        env = dict(item.partition("=")[::2] for item in assignments.split(",") if item)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in args.variants or not env:
+            parser.error(f"--variant {spec!r}: LABEL=NAME=VALUE[,NAME=VALUE...], each label once")
+        if any(name != "PYTHONPATH" and not name.startswith("PULL_") for name in env):
+            parser.error(f"--variant {spec!r}: only PYTHONPATH and PULL_* variables")
+        args.variants[label] = env
+    ours = [tool for tool in args.tools if tool in OUR_TOOLS]
+    if args.variants and not ours:
+        parser.error(f"--variant needs one of {', '.join(OUR_TOOLS)} in --tools")
+    args.tools += [f"{tool}@{label}" for label in args.variants for tool in ours]
     if not 8 <= args.size_mib <= 64 * 1024:
         parser.error("--size-mib: between 8 and 65536")
     if not 1 <= args.rounds <= 50:
         parser.error("--rounds: between 1 and 50")
+    if not 1 <= args.engine_fetches <= 20:
+        parser.error("--engine-fetches: between 1 and 20")
     return args
 
 
@@ -1338,7 +1507,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
         server.start()
         try:
             ctx = Context(
-                model, work, bench_venv, server, work / "storage-config", 60.0 + args.size_mib * 0.5
+                model,
+                work,
+                bench_venv,
+                server,
+                work / "storage-config",
+                60.0 + args.size_mib * 0.5,
+                variants=args.variants,
             )
             write_storage_config(ctx.config_dir, server.endpoint_url)
             prewarm_seconds = prewarm(server.endpoint_url, model)
@@ -1348,8 +1523,21 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 flush=True,
             )
             profile_raw = results_path.with_suffix(".profile.txt")
+            engine: list[dict[str, Any]] = []
             if args.profile_only:
                 measured = Measurements([], None, profile_puller(ctx, profile_raw), {})
+            elif args.engine_only:
+                busy_before = machine_busy_seconds()
+                clock_before = time.monotonic()
+                engine = measure_engine(args, ctx)
+                elapsed = time.monotonic() - clock_before
+                load = {
+                    "rounds_seconds": round(elapsed, 1),
+                    "busy_share": round(
+                        (machine_busy_seconds() - busy_before) / (elapsed * len(os.sched_getaffinity(0))), 3
+                    ),
+                }
+                measured = Measurements([], None, None, load)
             else:
                 measured = measure(args, ctx, profile_raw)
         finally:
@@ -1363,6 +1551,20 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "machine": {**machine, "loadavg_end": os.getloadavg(), **measured.load},
         "profile": measured.profile,
     }
+    if args.engine_only:
+        results.update(rounds=args.rounds, variants=args.variants, engine=engine)
+        results_path = results_path.with_suffix(".engine.json")
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        print()
+        print(format_engine_table(engine))
+        print(
+            f"\nmachine busy {measured.load['busy_share'] * 100:.0f}% of both cores over the rounds "
+            f"(everything: the puller, rclone, the checks and other processes); load average "
+            f"{machine['loadavg_start'][0]:.2f} -> {os.getloadavg()[0]:.2f}"
+        )
+        print(f"\nresults: {results_path}")
+        return 0
     if args.profile_only and measured.profile is not None:
         results_path = results_path.with_suffix(".profile.json")
         results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1378,6 +1580,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "PULL_WORKERS": "default",
             "PULL_PART_BYTES": "default",
             "CACHE_MAX_BYTES": CACHE_MAX_BYTES,
+            "variants": args.variants,
         },
         summary=[dataclasses.asdict(s) for s in summaries],
         runs=[dataclasses.asdict(r) for r in measured.runs],
@@ -1409,6 +1612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if argv[:1] == ["_cached-reload"]:
         cached_reload_child(Path(argv[1]), Path(argv[2]), int(argv[3]))
+        return 0
+    if argv[:1] == ["_engine-fetch"]:
+        engine_fetch_child(Path(argv[1]), argv[2], Path(argv[3]), int(argv[4]), int(argv[5]))
         return 0
     args = parse_args(argv)
     if args.markdown:

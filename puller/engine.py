@@ -3,9 +3,14 @@
 Written once for every backend. Many blobs are fetched at once and a blob larger than
 ``PULL_PART_BYTES`` is split into ranges fetched in parallel, all on one thread pool of
 ``PULL_WORKERS`` threads. Each destination file is created and sized first
-(``ftruncate``); each worker reads with ``ByteStream.readinto`` into its own reused
-buffer and writes with ``os.pwrite`` at the range's offset, so no ``bytes`` object is
-made per chunk.
+(``ftruncate``); a range reserves its blocks where the filesystem can
+(:func:`puller.file_writes.reserve`: cheaper writes, and a full disk shows before the
+bytes arrive) up to ``PULL_PART_BYTES`` ahead of what it writes (a blob fetched as one
+stream too, so a file's blocks still say how far its pull has come); each worker reads
+with ``ByteStream.readinto`` into its own reused buffer and writes with ``os.pwrite``
+at the range's offset, so no ``bytes`` object is made per chunk.
+
+Ranges are queued in plan order, every range of a blob before the next blob's.
 
 Checks: every range must deliver exactly its byte count (a short read is transient and
 retried; one that persists is an :class:`IntegrityError`), and every file must end at
@@ -20,18 +25,20 @@ hand; :func:`puller.checksums.choose_checksum` picks the cheapest announced one.
   order when the last range is in. Parallel ranges stay free; nothing is read twice.
 - A **digest** (md5, sha256...) needs the bytes in order. A blob of at most
   ``single_stream_hash_bytes`` (64 MiB by default) whose only checksum is a digest is
-  fetched as one stream and hashed chunk by chunk: no re-reading at all, and the other
-  blobs of the model keep the workers busy. A larger one keeps its parallel ranges and
-  is hashed along a *frontier*: the worker whose chunk starts exactly where the hash
-  stands feeds it from its buffer; a chunk that lands ahead of the frontier is written
-  and left, and when the frontier reaches bytes already written, the worker that moved
-  it there reads them back (``preadv`` into its buffer) from the page cache the write
-  just filled, until it catches up with a range still streaming, which then feeds its
-  own chunks again. This is the one case that cannot avoid a second read: a digest's
-  state cannot take bytes out of order, and holding early chunks in memory would cost
-  up to workers x part size. The read-back runs during the download, never as a pass
-  after it, touches memory rather than the disk, and costs a memcpy next to the digest
-  itself (10 GB/s against md5's 0.7).
+  fetched as one stream and hashed chunk by chunk: no re-reading at all. A larger one
+  keeps its parallel ranges and is hashed along a *frontier*: the worker whose chunk
+  starts exactly where the hash stands feeds it from its buffer; a chunk that lands
+  ahead of the frontier is written and left, and when the frontier reaches bytes
+  already written, the worker that moved it there reads them back (``preadv`` into its
+  buffer) from the page cache the write just filled, until it catches up with a range
+  still streaming, which then feeds its own chunks again. A digest's state cannot take
+  bytes out of order, and holding early chunks in memory would cost up to workers x
+  part size. The read-back runs during the download, never as a pass after it, touches
+  memory rather than the disk, and costs a memcpy next to the digest itself (md5 runs
+  at 0.8 GB/s on the CI machine kind). Handing a blob's ranges out in order, so that
+  workers hash from the buffer in hand and read-back is rare, was measured and is
+  slower there: 1.86-1.92 CPU s/GB against 1.75-1.79 for plan order (more threads
+  hashing at once, more context switches; ``docs/performance.md``).
 
 A blob whose checksum does not match is fetched again once, whole (its file emptied
 first), after the rest of the fetch is done; a second mismatch is an
@@ -47,7 +54,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -58,8 +65,9 @@ import structlog
 from adapter.errors import DiskFull, IntegrityError, SidecarError, StorageError, StorageUnavailable
 from adapter.settings import Settings
 from puller.checksums import FAST_CRC32C, Digest, ExpectedChecksum, choose_checksum, crc_hex
+from puller.file_writes import pwrite_all, reserve
 from puller.placement import safe_join
-from puller.storage.base import Blob, Plan, Storage
+from puller.storage.base import Blob, ByteStream, Plan, Storage
 
 log = structlog.get_logger(__name__)
 
@@ -304,7 +312,7 @@ class PullEngine:
         except OSError as exc:
             raise _local_error(exc, dest) from exc
         states = self._create_files(plan, targets)
-        self._run(job, [part for state in states for part in state.ranges])
+        self._run(job, states)
         mismatched = [state for state in states if state.mismatch is not None]
         if mismatched:
             for state in mismatched:
@@ -313,7 +321,7 @@ class PullEngine:
                 )
                 self._empty(state)
                 state.reset()
-            self._run(job, [part for state in mismatched for part in state.ranges])
+            self._run(job, mismatched)
             for state in mismatched:
                 if state.mismatch is not None:
                     raise IntegrityError(f"{state.mismatch} (fetched twice)")
@@ -395,12 +403,13 @@ class PullEngine:
         except OSError as exc:
             raise _local_error(exc, state.path) from exc
 
-    def _run(self, job: _Job, ranges: list[_Range]) -> None:
-        """Fetch ``ranges`` on the pool and wait for all of them; on any error stop the
-        others, wait until every one has stopped, and raise the first real error."""
+    def _run(self, job: _Job, states: Sequence[_BlobState]) -> None:
+        """Fetch every range of ``states`` on the pool, in plan order, and wait for all
+        of them; on any error stop the others, wait until every one has stopped, and
+        raise the first real error."""
         futures: list[Future[None]] = []
         try:
-            for part in ranges:
+            for part in (part for state in states for part in state.ranges):
                 futures.append(self._pool.submit(self._fetch_range, job, part))
         except RuntimeError:  # the pool was shut down meanwhile
             job.failed.set()
@@ -471,38 +480,58 @@ class PullEngine:
         if part.pos >= part.end:
             return
         state = part.state
-        expected = state.expected
-        crc_update = expected.update if expected is not None else None
-        view = self._buffer()
-        stream = job.storage.open_range(state.blob, part.pos, part.end)
         try:
             fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            stream.close()
             raise _local_error(exc, state.path) from exc
         try:
-            while part.pos < part.end:
-                job.check()
-                want = part.end - part.pos
-                count = stream.readinto(view[:want] if want < len(view) else view)
-                if not count:
-                    raise ShortRead(
-                        f"blob '{state.label}': the stream ended at byte {part.pos}, "
-                        f"expected bytes up to {part.end}"
-                    )
-                at = part.pos
-                data = view[:count]
-                _pwrite_all(fd, data, at, state.path)
-                if crc_update is not None:
-                    part.crc = crc_update(part.crc, data)
-                part.pos = at + count  # written: from here on a catch-up may read it back
-                if state.digest is not None:
-                    self._hash_chunk(job, state, data, at, view)
-                if job.progress is not None:
-                    job.progress(count)
+            reserved = self._reserve(fd, part, part.pos)
+            stream = job.storage.open_range(state.blob, part.pos, part.end)
+            try:
+                self._read(job, part, stream, fd, reserved)
+            finally:
+                stream.close()
         finally:
             os.close(fd)
-            stream.close()
+
+    def _reserve(self, fd: int, part: _Range, reserved: int) -> int:
+        """When ``part.pos`` has reached ``reserved``, reserve the next
+        ``part_bytes`` of the range; return the new end of the reserved bytes."""
+        if part.pos < reserved:
+            return reserved
+        end = min(part.end, part.pos + self.part_bytes)
+        try:
+            reserve(fd, part.pos, end - part.pos)
+        except OSError as exc:
+            raise _local_error(exc, part.state.path) from exc
+        return end
+
+    def _read(self, job: _Job, part: _Range, stream: ByteStream, fd: int, reserved: int) -> None:
+        """The copy loop, through the worker's buffer (checksums see the bytes in hand)."""
+        state = part.state
+        expected = state.expected
+        crc_update = expected.update if expected is not None else None
+        view = self._buffer()
+        while part.pos < part.end:
+            job.check()
+            reserved = self._reserve(fd, part, reserved)
+            want = part.end - part.pos
+            count = stream.readinto(view[:want] if want < len(view) else view)
+            if not count:
+                raise _short_read(part)
+            at = part.pos
+            data = view[:count]
+            try:
+                pwrite_all(fd, data, at)
+            except OSError as exc:
+                raise _local_error(exc, state.path) from exc
+            if crc_update is not None:
+                part.crc = crc_update(part.crc, data)
+            part.pos = at + count  # written: from here on a catch-up may read it back
+            if state.digest is not None:
+                self._hash_chunk(job, state, data, at, view)
+            if job.progress is not None:
+                job.progress(count)
 
     # --- digests along the frontier ---------------------------------------------------
 
@@ -600,16 +629,10 @@ class PullEngine:
             self._check_digest(state)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    try:
-        while done < len(data):
-            written = os.pwrite(fd, data[done:] if done else data, offset + done)
-            if written <= 0:
-                raise DiskFull(f"could not write to {path}")
-            done += written
-    except OSError as exc:
-        raise _local_error(exc, path) from exc
+def _short_read(part: _Range) -> ShortRead:
+    return ShortRead(
+        f"blob '{part.state.label}': the stream ended at byte {part.pos}, expected bytes up to {part.end}"
+    )
 
 
 def _local_error(exc: OSError, path: Path, doing: str = "writing") -> SidecarError:

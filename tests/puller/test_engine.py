@@ -26,7 +26,7 @@ from adapter.errors import (
     UnsafePath,
 )
 from adapter.settings import Settings
-from puller import checksums
+from puller import checksums, file_writes
 from puller.checksums import crc_hex
 from puller.config import StorageConfig
 from puller.engine import FetchCancelled, FetchStats, PullEngine, blob_label
@@ -730,3 +730,44 @@ def test_checksums_over_s3_on_moto(moto_s3: MotoS3Server, bucket: str, tmp_path:
     finally:
         engine.close()
         storage.close()
+
+
+# --- the local side: allocation, splicing -------------------------------------------------
+
+
+def test_a_disk_too_small_fails_before_the_range_is_asked_for(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_writes, "_fallocate", lambda fd, mode, offset, length: errno.ENOSPC)
+    store = MemoryStorage(engine_settings, {"m.bin": b"x" * 1000})
+    with pytest.raises(DiskFull, match="no space"):
+        fetch(engine, store, tmp_path / "out")
+    assert store.opened == []
+
+
+def test_blocks_are_reserved_a_part_ahead_and_again_before_a_refetch(
+    engine: PullEngine, engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = engine_settings.pull_part_bytes
+    spans: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        with lock:
+            spans.append((offset, length))
+        return 0
+
+    monkeypatch.setattr(file_writes, "_fallocate", fallocate)
+    data = os.urandom(part + 5000)
+    one_stream = os.urandom(2 * part + 7)
+    store = MemoryStorage(engine_settings, {"w.bin": data, "e.bin": b"", "s.bin": one_stream})
+    store.checksums["w.bin"] = {"crc32": crc_hex(zlib.crc32(data))}
+    store.checksums["s.bin"] = {"md5": md5(one_stream)}  # fetched as one stream
+    store.corrupt["w.bin"] = [part + 10]  # the first serve is bad: the blob is fetched again
+    store.faults[("w.bin", 0)] = ["reset"]  # a resumed range reserves what it still needs
+    fetch(engine, store, tmp_path / "out")
+    assert (tmp_path / "out" / "w.bin").read_bytes() == data
+    assert (tmp_path / "out" / "s.bin").read_bytes() == one_stream
+    w_spans = {(0, part): 2, (part // 2, part - part // 2): 1, (part, 5000): 2}
+    s_spans = {(0, part): 1, (part, part): 1, (2 * part, 7): 1}
+    assert Counter(spans) == Counter(w_spans) + Counter(s_spans), "an empty file reserves nothing"
