@@ -12,11 +12,14 @@ declared in our own pyproject the same way a third-party package declares its ow
 from __future__ import annotations
 
 import abc
+import json
+import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapter.errors import ConfigurationError
 
@@ -112,6 +115,25 @@ class RuntimePlugin(abc.ABC):
     def prepare(self) -> None:  # noqa: B027 - optional hook
         """Called once before :meth:`start` to write what the runtime needs before it
         starts (TorchServe's config file). Blocking."""
+
+
+def write_json_atomically(target: Path, content: Mapping[str, Any]) -> None:
+    """Write ``content`` as JSON to a temporary file beside ``target`` and rename it
+    into place: a reader (a runtime scanning its repository) sees the old file, none,
+    or the whole new one. The file is world-readable: the runtime may run as another
+    user."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(content, out, indent=2)
+            out.write("\n")
+        temp.chmod(0o644)  # mkstemp creates 0600
+        temp.replace(target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def remove_tree(path: Path) -> None:

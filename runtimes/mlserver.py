@@ -23,13 +23,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapter.errors import InvalidRequest, ModelNotFound, RuntimeRejected, UnsafePath
-from adapter.plugin import link, remove_tree
+from adapter.plugin import link, remove_tree, write_json_atomically
 from puller.model_key import validate_model_id
 from runtimes.kserve_v2 import KServeV2Plugin
 
@@ -128,7 +127,7 @@ class MLServerPlugin(KServeV2Plugin):
         _empty_view(view)
         for entry in links:
             link(entry, view / entry.name)
-        _write_json_atomically(view / MODEL_SETTINGS_FILE, settings)
+        write_json_atomically(view / MODEL_SETTINGS_FILE, settings)
         return view
 
     def remove_view(self, model_id: str) -> None:
@@ -270,19 +269,3 @@ def _empty_view(view: Path) -> None:
             remove_tree(entry)
     else:
         view.mkdir()
-
-
-def _write_json_atomically(target: Path, content: Mapping[str, Any]) -> None:
-    """Write ``content`` to a temporary file beside ``target`` and rename it into
-    place: readers see the old file, no file, or the whole new one."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    temp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(content, out, indent=2)
-            out.write("\n")
-        temp.chmod(0o644)  # mkstemp creates 0600; MLServer may run as another user
-        temp.replace(target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

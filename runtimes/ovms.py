@@ -43,8 +43,6 @@ import contextlib
 import errno
 import http.client
 import json
-import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -62,7 +60,7 @@ from adapter.errors import (
     RuntimeUnavailable,
     SidecarError,
 )
-from adapter.plugin import RuntimePlugin, link, remove_tree
+from adapter.plugin import RuntimePlugin, link, remove_tree, write_json_atomically
 from puller.model_key import validate_model_id
 from runtimes.kserve_v2 import V2_METHOD_INFOS
 
@@ -422,7 +420,7 @@ class OVMSPlugin(RuntimePlugin):
             ]
         }
         try:
-            _write_json_atomically(self.config_file, document)
+            write_json_atomically(self.config_file, document)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(f"no space left to write the OVMS config file {self.config_file}") from None
@@ -527,20 +525,3 @@ def _retrieve(outcome: asyncio.Future[None]) -> None:
     """Mark an outcome's error as seen: its caller may have gone away."""
     if not outcome.cancelled():
         outcome.exception()
-
-
-def _write_json_atomically(target: Path, content: Mapping[str, Any]) -> None:
-    """Write ``content`` beside ``target`` and rename it into place: a reader sees the
-    old file or the whole new one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    temp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(content, out, indent=2)
-            out.write("\n")
-        temp.chmod(0o644)  # mkstemp creates 0600; OVMS runs as another user
-        temp.replace(target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
