@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the ModelMesh mmesh.ModelRuntime API in front of a model server.",
     )
     parser.add_argument("--runtime", help=f"runtime plugin (installed: {', '.join(available_runtimes())})")
-    parser.add_argument("--port", type=int, help="override ADAPTER_PORT")
+    parser.add_argument("--port", type=int, help="override ADAPTER_PORT (and ADAPTER_ENDPOINT)")
+    parser.add_argument("--endpoint", help="override ADAPTER_ENDPOINT: port:N or unix:/path")
     parser.add_argument("--host", help="override ADAPTER_HOST")
     parser.add_argument("--log-level", help="override LOG_LEVEL")
     return parser
@@ -90,7 +91,14 @@ async def run(settings: Settings, runtime: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env(adapter_port=args.port, adapter_host=args.host, log_level=args.log_level)
+        # the command line wins over the environment: --port over ADAPTER_ENDPOINT too
+        endpoint = args.endpoint or (f"port:{args.port}" if args.port is not None else None)
+        settings = Settings.from_env(
+            adapter_port=args.port,
+            adapter_endpoint=endpoint,
+            adapter_host=args.host,
+            log_level=args.log_level,
+        )
     except SidecarError as exc:
         print(f"mesh-adapter: {exc}", file=sys.stderr)
         return 2

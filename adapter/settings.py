@@ -73,6 +73,26 @@ def _endpoint(raw: str) -> str:
     return value
 
 
+#: the longest path a Unix socket address holds (``sun_path`` is 108 bytes with its NUL)
+UNIX_PATH_MAX = 107
+
+
+def listen_endpoint(raw: str) -> str:
+    """``port:N`` or ``unix:/absolute/path``, as a ServingRuntime's ``grpcEndpoint``."""
+    value = raw.strip()
+    kind, _, rest = value.partition(":")
+    if kind == "port":
+        return f"port:{_port(rest)}"
+    if kind == "unix":
+        path = rest.strip()
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError(f"a unix socket needs an absolute path (unix:/path), got {raw!r}")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(f"a unix socket path holds at most {UNIX_PATH_MAX} bytes, got {raw!r}")
+        return f"unix:{os.path.normpath(path)}"
+    raise ValueError(f"expected port:N or unix:/absolute/path, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the adapter and the standalone puller."""
@@ -83,6 +103,16 @@ class Settings:
     adapter_host: str = field(
         default="0.0.0.0",
         metadata=_env("ADAPTER_HOST", "address the gRPC services listen on"),
+    )
+    adapter_endpoint: str | None = field(
+        default=None,
+        metadata=_env(
+            "ADAPTER_ENDPOINT",
+            "where mmesh.ModelRuntime listens, in the form of a ServingRuntime's grpcEndpoint: "
+            "`port:N` (on ADAPTER_HOST) or `unix:/path` (a Unix socket, mode 0600); "
+            "wins over ADAPTER_PORT; default ADAPTER_HOST:ADAPTER_PORT",
+            listen_endpoint,
+        ),
     )
     runtime_port: int | None = field(
         default=None,
@@ -275,6 +305,13 @@ class Settings:
         settings = cls(**values)
         if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"LOG_LEVEL: unknown level {settings.log_level!r}")
+        if settings.adapter_endpoint is not None:  # a command-line override is checked too
+            try:
+                settings = dataclasses.replace(
+                    settings, adapter_endpoint=listen_endpoint(settings.adapter_endpoint)
+                )
+            except ValueError as exc:
+                raise SettingsError(f"ADAPTER_ENDPOINT: {exc}") from None
         if settings.log_format not in ("json", "console", "auto"):
             raise SettingsError(f"LOG_FORMAT: expected json, console or auto, got {settings.log_format!r}")
         return settings
@@ -288,6 +325,20 @@ class Settings:
                 self.modelsize_multiplier if self.modelsize_multiplier is not None else modelsize_multiplier
             ),
         )
+
+    @property
+    def adapter_socket_path(self) -> Path | None:
+        """The Unix socket the adapter listens on (ADAPTER_ENDPOINT=unix:/path), else None."""
+        if self.adapter_endpoint is not None and self.adapter_endpoint.startswith("unix:"):
+            return Path(self.adapter_endpoint.removeprefix("unix:"))
+        return None
+
+    @property
+    def adapter_listen_port(self) -> int:
+        """The TCP port of the adapter: ADAPTER_ENDPOINT=port:N, else ADAPTER_PORT."""
+        if self.adapter_endpoint is not None and self.adapter_endpoint.startswith("port:"):
+            return int(self.adapter_endpoint.removeprefix("port:"))
+        return self.adapter_port
 
     @property
     def capacity_bytes(self) -> int:

@@ -12,6 +12,10 @@ from tests.servers.mlserver import MLServerProcess
 from tests.servers.models import make_sklearn_model
 from tests.servers.s3 import MotoS3Server
 
+#: the secrets guard (no configured secret in any log line or error message, see its
+#: docstring) and pytester, which its self-test runs sessions with
+pytest_plugins = ["tests.secrets_guard", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def mlserver_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

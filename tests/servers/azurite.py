@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tests import secrets_guard
 from tests.servers.process import ManagedProcess, free_port, port_open, wait_until
 
 AZURITE_VERSION = "3.35.0"
@@ -26,6 +27,7 @@ AZURITE_VERSION = "3.35.0"
 #: Azurite's well-known development account (published in Microsoft's docs)
 ACCOUNT_NAME = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+secrets_guard.register_secret(ACCOUNT_KEY, "the Azurite account key (tests.servers.azurite.ACCOUNT_KEY)")
 
 
 def cache_root() -> Path:
@@ -114,6 +116,7 @@ class AzuriteServer:
 
     def connection_string_with_key(self, key: str) -> str:
         """A connection string for this server's account with ``key`` as its AccountKey."""
+        secrets_guard.register_secret(key, "an account key of AzuriteServer.connection_string_with_key")
         scheme = "https" if self.tls else "http"
         return (
             f"DefaultEndpointsProtocol={scheme};AccountName={ACCOUNT_NAME};AccountKey={key};"
@@ -218,13 +221,15 @@ class AzuriteServer:
         """A service SAS for ``container`` signed with the account key (no leading ``?``)."""
         from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
-        return generate_container_sas(
+        sas = generate_container_sas(
             account_name=ACCOUNT_NAME,
             container_name=container,
             account_key=ACCOUNT_KEY,
             permission=ContainerSasPermissions.from_string(permission),
             expiry=datetime.now(UTC) + timedelta(hours=hours),
         )
+        secrets_guard.register_fields({"sas_token": sas}, "a SAS of AzuriteServer.container_sas")
+        return str(sas)
 
 
 if __name__ == "__main__":

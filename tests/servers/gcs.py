@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests import secrets_guard
 from tests.servers.process import ManagedProcess, free_port, wait_until
 
 
@@ -310,6 +311,7 @@ class TokenEndpoint(_ThreadServer):
         except InvalidSignature:
             return 400, refused
         token = "ya29.test-" + secrets.token_urlsafe(24)
+        secrets_guard.register_secret(token, "an access token the GCS TokenEndpoint issued")
         with self._lock:
             self.issued[token] = str(claims["iss"])
             self.scopes.append(str(claims.get("scope", "")))

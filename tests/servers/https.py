@@ -179,6 +179,11 @@ def make_pki(folder: Path) -> Certificates:
         client_key_pem=key_pem(client_key),
         other_ca_pem=cert_pem(other_ca),
     )
+    # imported here: this module also runs as the file server process, which needs no pytest
+    from tests import secrets_guard
+
+    secrets_guard.register_secret(key_pem(server_key), "the test server's TLS private key (make_pki)")
+    secrets_guard.register_secret(pki.client_key_pem, "the test client's TLS private key (make_pki)")
     pki.ca_file.write_text(pki.ca_pem)
     pki.server_cert_file.write_text(cert_pem(server_cert))
     pki.server_key_file.write_text(key_pem(server_key))
@@ -210,6 +215,10 @@ class FileServer:
         self.tls = tls
         self.client_cert_required = client_cert_required
         self.required_header = required_header
+        if required_header is not None:
+            from tests import secrets_guard
+
+            secrets_guard.register_secret(required_header[1], "the header token a FileServer requires")
         self.port = 0
         self._log_dir = log_dir
         self._process: ManagedProcess | None = None

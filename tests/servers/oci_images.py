@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tests import secrets_guard
+
 # --- media types ------------------------------------------------------------------------
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -564,6 +566,8 @@ class ImagePusher:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.credentials = credentials
+        if credentials is not None:
+            secrets_guard.register_secret(credentials[1], "the password of an ImagePusher")
         self.context = context
         self._tokens: dict[str, str] = {}
 

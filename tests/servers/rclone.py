@@ -29,6 +29,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from tests import secrets_guard
 from tests.servers.process import ManagedProcess, free_port, wait_until
 
 
@@ -59,6 +60,7 @@ class RcloneS3Server:
         self.root_dir = Path(root_dir)
         self.access_key = access_key
         self.secret_key = secret_key
+        secrets_guard.register_secret(secret_key, "the secret key of an RcloneS3Server")
         self.extra_args = list(extra_args or [])
         self.port = 0
         self.rc_port = 0

@@ -55,6 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
+from tests import secrets_guard
 from tests.servers.https import Certificates
 from tests.servers.process import ManagedProcess, free_port, wait_until
 
@@ -110,6 +111,8 @@ class TokenServer:
         expires_in: int = 300,
     ) -> None:
         self.users = dict(users)
+        for password in self.users.values():
+            secrets_guard.register_secret(password, "a password of a registry TokenServer user")
         #: docker ``identitytoken`` values accepted as OAuth2 refresh tokens: token -> user
         self.identity_tokens: dict[str, str] = {}
         self.posts = 0
@@ -176,7 +179,9 @@ class TokenServer:
         }
         signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-        return f"{signing_input}.{_b64url(signature)}"
+        token = f"{signing_input}.{_b64url(signature)}"
+        secrets_guard.register_secret(token, "a token the registry's TokenServer issued")
+        return token
 
     def answer(self, query: Mapping[str, list[str]], authorization: str | None) -> tuple[int, dict[str, Any]]:
         """Status and JSON body for one token request."""
@@ -305,6 +310,8 @@ class DistributionRegistry:
         self.workdir = Path(workdir)
         self.auth = auth
         self.users = dict(users or {})
+        for password in self.users.values():
+            secrets_guard.register_secret(password, "a password of a DistributionRegistry user")
         self.tls = tls
         self.port = 0
         self.token_server: TokenServer | None = None

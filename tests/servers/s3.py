@@ -109,6 +109,11 @@ class MotoS3Server:
 
     def client(self, service: str = "s3", key_id: str = DUMMY_KEY_ID, secret: str = DUMMY_SECRET) -> Any:
         """A boto3 client for this server (dummy keys unless given)."""
+        # imported here: tests/conftest.py imports this module before it registers the guard
+        # as a plugin, and a plugin imported earlier cannot have its asserts rewritten
+        from tests import secrets_guard
+
+        secrets_guard.register_secret(secret, "the secret key of a MotoS3Server.client")
         session: Any = boto3.session.Session(
             aws_access_key_id=key_id, aws_secret_access_key=secret, region_name="us-east-1"
         )
