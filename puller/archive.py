@@ -231,10 +231,9 @@ class TarUnpacker:
     def _path(self, name: str, rel: str) -> Path:
         try:
             return safe_join(self.dest, rel)
-        except UnsafePath:
-            raise UnsafePath(
-                f"archive '{self.label}': entry {name!r} passes through a link that leads outside"
-            ) from None
+        except UnsafePath as exc:
+            # a link on the way leads outside, or the whole path is too long
+            raise UnsafePath(f"archive '{self.label}': {exc.message}") from None
 
     def _inside(self, path: Path) -> bool:
         real = os.path.realpath(path)
@@ -387,8 +386,18 @@ class TarUnpacker:
         target_rel = self._check_hardlink_target(name, rel, target)
         source = self._path(target, target_rel)
         path = self._path(name, rel)
-        if not self._inside(source) or not stat.S_ISREG(os.lstat(source).st_mode):
+        if not self._inside(source):
             raise UnsafePath(f"archive '{self.label}': hard link {name!r} -> {target!r} leads outside")
+        try:
+            source_mode = os.lstat(source).st_mode
+        except OSError:
+            # a link on the way was re-aimed since the file was unpacked through it
+            source_mode = 0
+        if not stat.S_ISREG(source_mode):
+            raise UnsafePath(
+                f"archive '{self.label}': hard link {name!r} -> {target!r} does not name a file "
+                "unpacked before it"
+            )
         self._prepare(name, rel, path)
         try:
             os.link(source, path, follow_symlinks=False)
@@ -507,7 +516,8 @@ class TarUnpacker:
             raise UnsafePath(f"archive '{self.label}': entry {name!r} is a device file")
         if kind in (stat.S_IFIFO, stat.S_IFSOCK):
             raise UnsafePath(f"archive '{self.label}': entry {name!r} is a FIFO or socket")
-        if info.is_dir() or kind == stat.S_IFDIR:
+        # not info.is_dir(): it fails on an empty name (IndexError)
+        if name.endswith("/") or kind == stat.S_IFDIR:
             self.make_dir(name)
             return
         try:

@@ -64,6 +64,7 @@ import structlog
 
 from adapter.errors import DiskFull, IntegrityError, SidecarError, StorageError, StorageUnavailable
 from adapter.settings import Settings
+from puller.cancel import watching
 from puller.checksums import FAST_CRC32C, Digest, ExpectedChecksum, choose_checksum, crc_hex
 from puller.file_writes import pwrite_all, reserve
 from puller.placement import safe_join
@@ -74,6 +75,14 @@ log = structlog.get_logger(__name__)
 #: bytes per worker buffer: big enough to amortise the syscalls, small enough to stay
 #: in cache
 BUFFER_BYTES = 128 * 1024
+
+#: blobs smaller than this are written without reserving their blocks first
+RESERVE_MIN_BYTES = 1024 * 1024
+
+#: a model up to this size and this many parts, read from local files (or one part
+#: from anywhere), is copied in the calling thread rather than on the pool
+INLINE_MAX_BYTES = 1024 * 1024
+INLINE_MAX_PARTS = 64
 
 #: a blob verified by a digest (md5, sha256) up to this size is fetched as one stream
 SINGLE_STREAM_HASH_BYTES = 64 * 1024 * 1024
@@ -254,11 +263,13 @@ class PullEngine:
         verify_checksums: bool = True,
         single_stream_hash_bytes: int = SINGLE_STREAM_HASH_BYTES,
         buffer_bytes: int = BUFFER_BYTES,
+        reserve_min_bytes: int = RESERVE_MIN_BYTES,
     ) -> None:
         self.part_bytes = settings.pull_part_bytes
         self.attempts = settings.pull_retries
         self.workers = settings.pull_workers
         self.buffer_bytes = buffer_bytes
+        self.reserve_min_bytes = reserve_min_bytes
         self.verify_checksums = verify_checksums
         self.single_stream_hash_bytes = single_stream_hash_bytes
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="pull")
@@ -407,9 +418,14 @@ class PullEngine:
         """Fetch every range of ``states`` on the pool, in plan order, and wait for all
         of them; on any error stop the others, wait until every one has stopped, and
         raise the first real error."""
+        parts = [part for state in states for part in state.ranges]
+        if self._runs_inline(job, parts):
+            for part in parts:
+                self._fetch_range(job, part)
+            return
         futures: list[Future[None]] = []
         try:
-            for part in (part for state in states for part in state.ranges):
+            for part in parts:
                 futures.append(self._pool.submit(self._fetch_range, job, part))
         except RuntimeError:  # the pool was shut down meanwhile
             job.failed.set()
@@ -421,6 +437,15 @@ class PullEngine:
             job.failed.set()
             wait(futures)
             raise
+
+    def _runs_inline(self, job: _Job, parts: Sequence[_Range]) -> bool:
+        """Whether to copy ``parts`` one after the other in the calling thread: a
+        small model that is one part, or read from local files, where handing each part
+        to the pool costs more than the copy (the control plane's tiny models). Big
+        models always go through the pool, which bounds the streams of all pulls."""
+        if sum(part.end - part.pos for part in parts) > INLINE_MAX_BYTES:
+            return False
+        return len(parts) <= 1 or (job.storage.reads_locally and len(parts) <= INLINE_MAX_PARTS)
 
     @staticmethod
     def _wait(futures: list[Future[None]], job: _Job) -> None:
@@ -457,6 +482,7 @@ class PullEngine:
                 self._copy(job, part)
                 break
             except StorageUnavailable as exc:
+                job.check()  # a cancel that ended the read is a cancel, not a store error
                 if attempt + 1 < self.attempts:
                     job.pause(_backoff(attempt))
                     continue
@@ -486,19 +512,25 @@ class PullEngine:
             raise _local_error(exc, state.path) from exc
         try:
             reserved = self._reserve(fd, part, part.pos)
-            stream = job.storage.open_range(state.blob, part.pos, part.end)
-            try:
-                self._read(job, part, stream, fd, reserved)
-            finally:
-                stream.close()
+            # a cancel of the pull ends a wait on a stalled store at once (puller.cancel)
+            with watching(job.cancel):
+                stream = job.storage.open_range(state.blob, part.pos, part.end)
+                try:
+                    self._read(job, part, stream, fd, reserved)
+                finally:
+                    stream.close()
         finally:
             os.close(fd)
 
     def _reserve(self, fd: int, part: _Range, reserved: int) -> int:
         """When ``part.pos`` has reached ``reserved``, reserve the next
-        ``part_bytes`` of the range; return the new end of the reserved bytes."""
+        ``part_bytes`` of the range; return the new end of the reserved bytes. A blob
+        smaller than ``reserve_min_bytes`` is not reserved: for a few KiB the
+        ``fallocate`` costs more than it saves, and makes deleting the file slower."""
         if part.pos < reserved:
             return reserved
+        if part.state.blob.size < self.reserve_min_bytes:
+            return part.end
         end = min(part.end, part.pos + self.part_bytes)
         try:
             reserve(fd, part.pos, end - part.pos)

@@ -95,6 +95,7 @@ from adapter.errors import (
 from adapter.settings import Settings
 from puller.archive import HEADER_READ_LIMIT, MAX_MEMBERS, HeaderTooLarge, TarUnpacker
 from puller.cache import CachedTree, ContentCache, link_or_copy
+from puller.cancel import PullCancel, run_watching
 from puller.checksums import HEX_LENGTHS
 from puller.engine import FetchCancelled, PullEngine, blob_label
 from puller.placement import remove_tree, safe_join, safe_relpath
@@ -274,8 +275,15 @@ class _Layer:
         if fmt.raw:
             try:
                 relpath = safe_relpath(blob.relpath)
+                # an annotation's text: a lone surrogate there (JSON can spell one)
+                # is no name at all, and could not key the cache
+                relpath.encode("utf-8")
             except UnsafePath as exc:
                 raise UnsafePath(f"layer '{label}': raw file {exc.message}") from None
+            except UnicodeEncodeError:
+                raise UnsafePath(
+                    f"layer '{label}': raw file name {blob.relpath!r} is not valid Unicode"
+                ) from None
         return cls(index, blob, label, fmt, algorithm, digest, relpath)
 
     def cache_blob(self, keep: str | None) -> Blob:
@@ -750,8 +758,9 @@ class _Run:
         self.dest = dest
         self.work = work
         self.cancel = cancel
-        #: set on cancel or on the first failure: every worker stops
-        self.halt = threading.Event()
+        #: set on cancel or on the first failure: every worker stops, a wait on a
+        #: stalled store included (puller.cancel)
+        self.halt = PullCancel()
         self.settings = settings
         self.attempts = settings.pull_retries
         self.progress = progress
@@ -841,7 +850,8 @@ class _Run:
         workers = max(1, min(self.settings.pull_workers, len(self.layers)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
             futures: dict[Future[_Tree], int] = {
-                pool.submit(self._layer, layer, keep): layer.index for layer in self.layers
+                pool.submit(run_watching, self.halt, self._layer, layer, keep): layer.index
+                for layer in self.layers
             }
             pending = set(futures)
             while pending:  # ends when every worker has: each checks ``halt`` per chunk

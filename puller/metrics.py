@@ -179,7 +179,8 @@ class PullProgress:
     bytes of each chunk written, it only adds under a lock (no logging per chunk).
     :meth:`report_every` logs a ``pull progress`` line at most once per interval."""
 
-    def __init__(self, total_bytes: int) -> None:
+    def __init__(self, total_bytes: int | None) -> None:
+        #: ``None`` while the model is still being listed: no line is logged then
         self.total_bytes = total_bytes
         self.started = time.monotonic()
         self._done = 0
@@ -198,12 +199,13 @@ class PullProgress:
     def fields(self) -> dict[str, Any]:
         """What a progress line says: bytes done and total, percent, seconds, MB/s."""
         done = self.done
+        total = self.total_bytes or 0
         seconds = time.monotonic() - self.started
         return {
             "bytes_done": done,
-            "bytes_total": self.total_bytes,
+            "bytes_total": total,
             # a blob fetched again after a checksum mismatch counts twice: cap at 100
-            "percent": min(100.0, round(100.0 * done / self.total_bytes, 1)) if self.total_bytes else 100.0,
+            "percent": min(100.0, round(100.0 * done / total, 1)) if total else 100.0,
             "seconds": round(seconds, 1),
             "mb_per_s": round(done / 1e6 / seconds, 1) if seconds > 0 else 0.0,
         }
@@ -213,4 +215,5 @@ class PullProgress:
         line after one interval, so a short pull logs none)."""
         while True:
             await asyncio.sleep(interval)
-            log.info("pull progress", **self.fields())
+            if self.total_bytes is not None:
+                log.info("pull progress", **self.fields())

@@ -20,13 +20,16 @@ MAX_MODEL_ID_LENGTH = 255
 def validate_model_id(model_id: str) -> str:
     """Return ``model_id`` when it is safe as a single directory name.
 
-    Refused: empty, longer than 255 bytes, ``.``/``..``, a ``/`` or ``\\``, a NUL or
-    any other control character, or a leading ``_`` (names starting with ``_`` are the
-    sidecar's own: ``_cache``, ``_mlserver_models``...).
+    Refused: empty, not valid Unicode (a lone surrogate, which no file name can
+    hold), longer than 255 bytes, ``.``/``..``, a ``/`` or ``\\``, a NUL or any other
+    control character, or a leading ``_`` (names starting with ``_`` are the sidecar's
+    own: ``_cache``, ``_mlserver_models``...).
     """
     if not model_id:
         raise InvalidModelId("modelId must not be empty")
-    if len(model_id.encode("utf-8", "surrogatepass")) > MAX_MODEL_ID_LENGTH:
+    if not _is_unicode(model_id):
+        raise InvalidModelId(f"modelId {model_id!r} is not valid Unicode (a lone surrogate)")
+    if len(model_id.encode("utf-8")) > MAX_MODEL_ID_LENGTH:
         raise InvalidModelId(f"modelId is longer than {MAX_MODEL_ID_LENGTH} bytes")
     if model_id in (".", ".."):
         raise InvalidModelId(f"modelId {model_id!r} is not a valid name")
@@ -40,12 +43,30 @@ def validate_model_id(model_id: str) -> str:
     return model_id
 
 
+def _is_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (JSON can spell one, ``"\\ud800"``):
+    such a string is no valid UTF-8, so it can be neither a file name nor sent on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_unicode(name: str, *texts: str) -> None:
+    """``InvalidModelKey`` naming the field when one of ``texts`` is not valid Unicode
+    (the value itself is not quoted: it may be a secret)."""
+    if not all(_is_unicode(text) for text in texts):
+        raise InvalidModelKey(f"modelKey field {name!r} is not valid Unicode (a lone surrogate)")
+
+
 def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
     value = data.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidModelKey(f"modelKey field {name!r} must be a string, got {type(value).__name__}")
+    _check_unicode(name, value)
     return value
 
 
@@ -82,13 +103,17 @@ class ModelKey:
         if not isinstance(params, dict):
             raise InvalidModelKey("modelKey field 'storage_params' must be an object of strings")
         for k, v in params.items():
+            _check_unicode("storage_params", k)
             if not isinstance(v, str):
                 raise InvalidModelKey(f"modelKey field 'storage_params.{k}' must be a string")
+            _check_unicode(f"storage_params.{k}", v)
         model_type = data.get("model_type")
         if model_type is not None and (
             not isinstance(model_type, dict) or not all(isinstance(v, str) for v in model_type.values())
         ):
             raise InvalidModelKey("modelKey field 'model_type' must be an object of strings")
+        for k, v in (model_type or {}).items():
+            _check_unicode("model_type", k, v)
         size = data.get("disk_size_bytes")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise InvalidModelKey("modelKey field 'disk_size_bytes' must be a non-negative integer")

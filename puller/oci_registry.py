@@ -188,8 +188,18 @@ def check_registry(registry: str) -> str:
         value = value.removeprefix(prefix)
     value = value.rstrip("/")
     if not _REGISTRY.match(value):
-        raise StorageConfigError(f"oci storage config: registry {registry[:100]!r} is not host[:port]")
+        raise StorageConfigError(
+            f"oci storage config: registry {_without_user_info(registry)[:100]!r} is not host[:port]"
+        )
     return _DOCKER_HUB if value in _DOCKER_HUB_NAMES else value
+
+
+def _without_user_info(registry: str) -> str:
+    """``registry`` for a message: a ``user:password@`` part (a secret) replaced."""
+    scheme, separator, rest = registry.strip().rpartition("://")
+    if "@" in rest:
+        rest = "<user-info>@" + rest.rpartition("@")[2]
+    return f"{scheme}{separator}{rest}"
 
 
 def parse_reference(path: str, registry: str | None) -> Reference:

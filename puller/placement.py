@@ -22,6 +22,9 @@ from adapter.errors import DiskFull, StorageError, UnsafePath
 #: staging and aside directories, under ROOT_MODEL_DIR
 STAGING_DIR_NAME = "_tmp"
 
+#: the longest file name (one path component) in bytes, as on Linux filesystems
+NAME_MAX = 255
+
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -31,7 +34,9 @@ def safe_relpath(name: str) -> str:
     Empty and ``.`` components are dropped (``a//./b`` -> ``a/b``). Raises
     :class:`UnsafePath` naming the entry when the name is empty (or only ``.`` and
     ``/``), absolute, contains a ``..`` component, a NUL, or a backslash (refused
-    outright: on another reader it would be a separator, so ``..\\x`` could escape).
+    outright: on another reader it would be a separator, so ``..\\x`` could escape);
+    also when it cannot be a file name at all: a lone surrogate that no file name
+    encodes, or a component longer than :data:`NAME_MAX` bytes.
     """
     if not name:
         raise UnsafePath("empty name in the model's file list")
@@ -46,6 +51,13 @@ def safe_relpath(name: str) -> str:
         raise UnsafePath(f"name {name!r} leads outside its folder ('..')")
     if not parts:
         raise UnsafePath(f"name {name!r} names no file")
+    for part in parts:
+        try:
+            encoded = os.fsencode(part)
+        except UnicodeEncodeError:
+            raise UnsafePath(f"name {name!r} is not valid Unicode (a lone surrogate)") from None
+        if len(encoded) > NAME_MAX:
+            raise UnsafePath(f"name {name[:80]!r}... has a component longer than {NAME_MAX} bytes")
     return "/".join(parts)
 
 
@@ -63,10 +75,15 @@ def safe_join(root: Path, relpath: str) -> Path:
     clean = safe_relpath(relpath)
     real_root = os.path.realpath(root)
     current = Path(root)
-    for part in PurePosixPath(clean).parts:
-        current = current / part
-        if current.is_symlink() and not _is_within(os.path.realpath(current), real_root):
-            raise UnsafePath(f"name {relpath!r} passes through a link that leads outside {root}")
+    try:
+        for part in PurePosixPath(clean).parts:
+            current = current / part
+            if current.is_symlink() and not _is_within(os.path.realpath(current), real_root):
+                raise UnsafePath(f"name {relpath!r} passes through a link that leads outside {root}")
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UnsafePath(f"name {relpath[:80]!r}... is too long for a path below {root}") from None
+        raise _os_error(exc, f"checking the name {relpath!r}") from exc
     return Path(root) / clean
 
 

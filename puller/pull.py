@@ -51,15 +51,17 @@ seconds while bytes are fetched, and the Prometheus metrics of :mod:`puller.metr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import stat
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -74,8 +76,9 @@ from adapter.errors import (
 from adapter.settings import Settings
 from puller.archive import is_archive, unpack_archive
 from puller.cache import Checkout, ContentCache, link_or_copy
+from puller.cancel import PullCancel, run_watching
 from puller.config import StorageConfig, StorageConfigDirectory, resolve_storage
-from puller.engine import FetchStats, Progress, PullEngine
+from puller.engine import INLINE_MAX_BYTES, FetchCancelled, FetchStats, Progress, PullEngine
 from puller.layers import LayerStats, apply_layers
 from puller.metrics import UNKNOWN_BACKEND, PullMetrics, PullProgress, default_metrics
 from puller.model_key import ModelKey, validate_model_id
@@ -171,6 +174,31 @@ class _Layout:
     unpack_to: str = ""
 
 
+@dataclass
+class _Found:
+    """What :meth:`Puller._open` found, for the rest of the pull and its metrics."""
+
+    backend: str = UNKNOWN_BACKEND
+    storage: Storage | None = None
+    object_path: str = ""
+    local_name: str = ""
+    plan: Plan | None = None
+    layout: _Layout | None = None
+    #: set (under ``lock``) once the thread writes into the staging folder: from then
+    #: on a cancelled pull waits for it; before, it is abandoned (a listing that
+    #: stalls in a vendor SDK cannot be interrupted, and writes nothing)
+    writing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start_writing(self, cancel: threading.Event) -> None:
+        """Called by the thread before its first write; raises ``FetchCancelled``
+        when the pull was cancelled (and so abandoned) meanwhile."""
+        with self.lock:
+            if cancel.is_set():
+                raise FetchCancelled("the pull was cancelled")
+            self.writing = True
+
+
 @dataclass(frozen=True)
 class _Fetched:
     """What filling a staging folder did: the engine's figures (bytes from the store),
@@ -181,6 +209,10 @@ class _Fetched:
     cache_hits: int = 0
     cache_bytes: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+#: what staging did: the fill's figures, the model's local name, its bytes on disk
+_Staged = tuple[_Fetched, str, int]
 
 
 async def _run_to_end(future: Awaitable[T], on_cancel: Callable[[], None] | None = None) -> T:
@@ -201,6 +233,32 @@ async def _run_to_end(future: Awaitable[T], on_cancel: Callable[[], None] | None
             task.exception()  # retrieved: the cancellation is what the caller sees
         raise asyncio.CancelledError
     return task.result()
+
+
+async def _abandon_unless_writing(work: Awaitable[T], found: _Found, cancel: threading.Event) -> T:
+    """Await ``work`` (a thread running :meth:`Puller._open`). If the caller is
+    cancelled meanwhile, set ``cancel``; then, when the thread has started writing,
+    wait until it has finished (as :func:`_run_to_end`), otherwise let it run out on
+    its own (it writes nothing once ``cancel`` is set) and raise at once."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with found.lock:
+            cancel.set()
+            writing = found.writing
+        if writing:
+            with contextlib.suppress(Exception):
+                await _run_to_end(task)
+        else:
+            task.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned thread's outcome as seen (its error is no one's to report)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _tree_size(path: str) -> int:
@@ -352,33 +410,54 @@ class Puller:
         """Stage the model (and schema) of ``key``/``model_path`` and rename the staging
         folder to ``target``. Returns the model's local name, its bytes on disk and the
         fetch figures. Records the pull in the metrics (a failure by its error class;
-        a cancellation is not a failure)."""
-        backend = UNKNOWN_BACKEND
+        a cancellation is not a failure).
+
+        One worker-thread hop resolves the storage, lists the model and, for a small
+        model (at most ``INLINE_MAX_BYTES``, no archive, no image), fills the staging
+        folder too; bigger models are filled by the engine's pool with progress lines."""
         started = time.monotonic()
+        use_cache = self.cache is not None and self.cache.is_open and parent is None
+        found = _Found()
         try:
-            config = await asyncio.to_thread(self._config_for, key)
-            backend = config.type
-            storage = await asyncio.to_thread(self.registry.get, config, self.settings)
-            # named after the object, not the whole path: a query string may hold a token
-            local_name = local_model_name(storage.object_path(model_path))
-            use_cache = self.cache is not None and self.cache.is_open and parent is None
             # one mkdir, in the loop: a cancellation cannot lose track of the directory
             staging = staging_dir(self.root, label, parent=parent)
             try:
-                fetched, local_name, size = await self._stage(
-                    storage, key, model_path, local_name, staging.path, use_cache=use_cache
-                )
+                cancel = PullCancel()
+                progress = PullProgress(None)  # the total is known once listed
+                reporter = asyncio.create_task(progress.report_every(self.progress_interval))
+                opening = functools.partial(self._open, use_cache=use_cache, cancel=cancel, progress=progress)
+                try:
+                    staged = await _abandon_unless_writing(
+                        asyncio.to_thread(
+                            run_watching,
+                            cancel,
+                            opening,
+                            found,
+                            key,
+                            model_path,
+                            staging.path,
+                        ),
+                        found,
+                        cancel,
+                    )
+                finally:
+                    reporter.cancel()
+                if staged is None:
+                    staged = await self._stage(found, key.schema_path, staging.path, use_cache=use_cache)
                 # renames only (no await): a cancellation cannot land between them
                 place_atomically(staging.path, target)
             except BaseException:
                 await _run_to_end(asyncio.to_thread(staging.remove))
                 raise
         except Exception as exc:
-            self.metrics.pull_failed(backend, exc)
+            self.metrics.pull_failed(found.backend, exc)
             raise
+        fetched, local_name, size = staged
+        storage = found.storage
+        assert storage is not None
         seconds = time.monotonic() - started
         stats = fetched.stats
-        self.metrics.pull_succeeded(backend, seconds, stats.bytes)
+        self.metrics.pull_succeeded(found.backend, seconds, stats.bytes)
         self.metrics.cache_served(fetched.cache_hits, fetched.cache_bytes)
         log.info(
             "model pulled",
@@ -394,42 +473,61 @@ class Puller:
         )
         return local_name, size, FetchStats(bytes=stats.bytes, files=stats.files, seconds=seconds)
 
-    async def _stage(
+    def _open(
         self,
-        storage: Storage,
+        found: _Found,
         key: ModelKey,
         model_path: str,
-        local_name: str,
         staging: Path,
         *,
         use_cache: bool,
-    ) -> tuple[_Fetched, str, int]:
-        """Fill ``staging`` with the model directory. Returns what the fill did, the
-        model's local name (an archive's is the folder it unpacked to) and the
-        model's bytes on disk."""
+        cancel: threading.Event,
+        progress: PullProgress,
+    ) -> _Staged | None:
+        """In a worker thread: resolve the storage, then link a ``pvc`` model in place,
+        or list the model and lay it out; a small model is fetched here too. Returns
+        what was staged, or ``None`` when :meth:`_stage` is to finish (what was found
+        is in ``found``)."""
+        config = self._config_for(key)
+        found.backend = config.type
+        storage = found.storage = self.registry.get(config, self.settings)
+        # named after the object, not the whole path: a query string may hold a token
+        found.object_path = storage.object_path(model_path)
+        local_name = found.local_name = local_model_name(found.object_path)
         if storage.links_in_place:
             started = time.monotonic()
-            size = await _run_to_end(
-                asyncio.to_thread(
-                    self._link_in_place, storage, model_path, key.schema_path, staging, local_name
-                )
-            )
-            return (
-                _Fetched(FetchStats(bytes=0, files=0, seconds=time.monotonic() - started)),
-                local_name,
-                size,
-            )
-        plan = await asyncio.to_thread(storage.plan, model_path)
+            found.start_writing(cancel)
+            size = self._link_in_place(storage, model_path, key.schema_path, staging, local_name)
+            linked = _Fetched(FetchStats(bytes=0, files=0, seconds=time.monotonic() - started))
+            return linked, local_name, size
+        plan = found.plan = storage.plan(model_path)
+        if plan.kind == "layers":
+            return None
+        layout = found.layout = self._layout(storage, plan, model_path, key.schema_path, local_name)
+        if layout.archive is not None or layout.plan.total_bytes > INLINE_MAX_BYTES:
+            return None
+        found.start_writing(cancel)
+        progress.total_bytes = layout.plan.total_bytes
+        fetched = self._fill_here(
+            storage, layout.plan, staging, use_cache=use_cache, cancel=cancel, progress=progress.add
+        )
+        return fetched, local_name, layout.model_bytes
+
+    async def _stage(
+        self, found: _Found, schema_path: str | None, staging: Path, *, use_cache: bool
+    ) -> _Staged:
+        """Fill ``staging`` with what :meth:`_open` found and left to do: image layers,
+        a big model (with progress lines), an archive to unpack. Returns what the fill
+        did, the model's local name (an archive's is the folder it unpacked to) and
+        the model's bytes on disk."""
+        storage, plan, local_name = found.storage, found.plan, found.local_name
+        assert storage is not None and plan is not None
         if plan.kind == "layers":
             return await self._stage_layers(
-                storage,
-                plan,
-                image_model_name(storage.object_path(model_path)),
-                key.schema_path,
-                staging,
-                use_cache=use_cache,
+                storage, plan, image_model_name(found.object_path), schema_path, staging, use_cache=use_cache
             )
-        layout = await self._layout(storage, plan, model_path, key.schema_path, local_name)
+        layout = found.layout
+        assert layout is not None
         fetched = await self._fill(storage, layout.plan, staging, use_cache=use_cache)
         if layout.archive is None:
             return fetched, local_name, layout.model_bytes
@@ -478,8 +576,9 @@ class Puller:
         )
         return fetched, local_name, stats.model_bytes
 
-    async def _layout(
-        self, storage: Storage, plan: Plan, model_path: str, schema_path: str | None, local_name: str
+    @staticmethod
+    def _layout(
+        storage: Storage, plan: Plan, model_path: str, schema_path: str | None, local_name: str
     ) -> _Layout:
         """One plan for the model (``plan``, the model path's listing) and its schema,
         relpaths below the model directory, every name checked; the model's own byte
@@ -501,7 +600,7 @@ class Puller:
             blobs = [replace(b, relpath=f"{local_name}/{safe_relpath(b.relpath)}") for b in plan.blobs]
         size = sum(b.size for b in blobs)
         if schema_path:
-            schema = await asyncio.to_thread(storage.plan, schema_path)
+            schema = storage.plan(schema_path)
             if not schema.single_object or len(schema.blobs) != 1:
                 raise StorageNotFound(f"schema_path '{schema_path}' names a folder, not a file")
             blobs.append(replace(schema.blobs[0], relpath=SCHEMA_FILE_NAME))
@@ -513,48 +612,53 @@ class Puller:
         )
 
     async def _fill(self, storage: Storage, plan: Plan, dest: Path, *, use_cache: bool) -> _Fetched:
-        """Put every blob of ``plan`` at ``dest/<relpath>``: from the content cache
-        when ``use_cache`` and it holds the blob, from the store otherwise; then add
-        the blobs fetched to the cache and evict what is over its cap."""
+        """:meth:`_fill_here` in a worker thread, logging progress every
+        ``progress_interval`` seconds; on cancellation stop it and wait until every
+        worker has stopped before re-raising."""
+
+        def fill(cancel: threading.Event, progress: Progress) -> _Fetched:
+            return self._fill_here(storage, plan, dest, use_cache=use_cache, cancel=cancel, progress=progress)
+
+        return await self._with_progress(plan.total_bytes, fill)
+
+    def _fill_here(
+        self,
+        storage: Storage,
+        plan: Plan,
+        dest: Path,
+        *,
+        use_cache: bool,
+        cancel: threading.Event,
+        progress: Progress | None = None,
+    ) -> _Fetched:
+        """Put every blob of ``plan`` at ``dest/<relpath>``, blocking: from the content
+        cache when ``use_cache`` and it holds the blob, from the store otherwise; then
+        add the blobs fetched to the cache and evict what is over its cap."""
         cache = self.cache if use_cache else None
         if cache is None:
-            return _Fetched(await self._fetch(storage, plan, dest))
+            return _Fetched(self.engine.fetch(storage, plan, dest, cancel, progress=progress))
         identity = storage.identity()
         placements = _placements(plan, dest)  # every name checked before anything is written
-        checkout: Checkout = await _run_to_end(asyncio.to_thread(cache.checkout, identity, placements))
+        checkout: Checkout = cache.checkout(identity, placements)
         if checkout.misses:
             missing = Plan(blobs=tuple(checkout.misses), single_object=False, kind=plan.kind)
-            stats = await self._fetch(storage, missing, dest)
+            stats = self.engine.fetch(storage, missing, dest, cancel, progress=progress)
             where = {blob.relpath: path for blob, path in placements}
             fetched = [(blob, where[blob.relpath]) for blob in checkout.misses]
         else:
             stats = FetchStats(bytes=0, files=0, seconds=0.0)
             fetched = []
-
-        def admit_then_evict() -> None:
-            # the model's files are still linked from the staging folder: never evicted
-            cache.admit(identity, fetched)
-            cache.evict()
-
-        await _run_to_end(asyncio.to_thread(admit_then_evict))
+        # the model's files are still linked from the staging folder: never evicted
+        cache.admit(identity, fetched)
+        cache.evict()
         return _Fetched(stats, cache_hits=len(checkout.hits), cache_bytes=checkout.hit_bytes)
-
-    async def _fetch(self, storage: Storage, plan: Plan, dest: Path) -> FetchStats:
-        """Run the engine in a thread, logging progress every ``progress_interval``
-        seconds; on cancellation stop it and wait until every worker has stopped
-        before re-raising."""
-
-        def fetch(cancel: threading.Event, progress: Progress) -> FetchStats:
-            return self.engine.fetch(storage, plan, dest, cancel, progress=progress)
-
-        return await self._with_progress(plan.total_bytes, fetch)
 
     async def _with_progress(self, total_bytes: int, work: Callable[[threading.Event, Progress], T]) -> T:
         """Run ``work(cancel, progress)`` in a thread, logging a ``pull progress`` line
         every ``progress_interval`` seconds from what ``progress`` counted; on
         cancellation set ``cancel`` and wait until the thread has finished before
         re-raising."""
-        cancel = threading.Event()
+        cancel = PullCancel()
         progress = PullProgress(total_bytes)
         reporter = asyncio.create_task(progress.report_every(self.progress_interval))
         try:
@@ -630,22 +734,25 @@ class Puller:
     # --- removal --------------------------------------------------------------------
 
     async def remove(self, model_id: str) -> None:
+        """:meth:`remove_now` in a worker thread, run to its end even if the caller is
+        cancelled."""
+        await _run_to_end(asyncio.to_thread(self.remove_now, model_id))
+
+    def remove_now(self, model_id: str) -> None:
         """Delete ``ROOT_MODEL_DIR/<model_id>``; no error when it is absent. The
-        directory disappears at once (renamed aside) and is deleted in a thread; a link
-        (pvc) is removed, never followed."""
+        directory disappears at once (renamed aside into ``_tmp``, where a restart
+        sweeps what an interrupted delete left) and is then deleted; a link (pvc) is
+        removed, never followed. Blocking."""
         target = self.model_dir(model_id)
-        if not (target.is_symlink() or target.exists()):
-            return
+        aside = staging_root(self.root) / f"rm.{uuid.uuid4().hex}"
         try:
-            # one mkdir and one rename, in the loop: the model is gone at once
-            aside = Path(tempfile.mkdtemp(prefix="rm.", dir=staging_root(self.root))) / "removed"
             target.rename(aside)
         except FileNotFoundError:
             return
         except OSError:
-            await asyncio.to_thread(remove_tree, target)
+            remove_tree(target)
             return
-        await _run_to_end(asyncio.to_thread(remove_tree, aside.parent))
+        remove_tree(aside)
 
     def purge(self) -> list[str]:
         """Remove every model directory of ROOT_MODEL_DIR (a folder or a link whose

@@ -99,6 +99,10 @@ class Storage(abc.ABC):
     #: True when the model is used in place (linked), not downloaded (pvc)
     links_in_place: ClassVar[bool] = False
 
+    #: True when reads are local file reads (no network round trip): the engine then
+    #: copies a small model in the calling thread instead of spreading it on its pool
+    reads_locally: ClassVar[bool] = False
+
     def __init__(self, config: StorageConfig, settings: Settings) -> None:
         self.config = config
         self.settings = settings

@@ -76,6 +76,8 @@ class LocalDirectoryStorage(Storage):
     #: the directory the objects live under, absolute (set by the subclass)
     root: Path
 
+    reads_locally = True
+
     @abc.abstractmethod
     def describe(self) -> str:
         """The store named for messages (public values only), e.g. ``PVC 'models'``."""

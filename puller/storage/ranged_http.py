@@ -9,7 +9,10 @@ Checks on every answer: 206, or 200 with a ``Content-Range`` (rclone answers so)
 plain 200 only when the whole object was asked; the range start and end, the object's
 total size and ``Content-Length`` must match what was asked. A connection that fails or
 ends early is a :class:`StorageUnavailable` (the engine retries it); a keep-alive
-connection the server closed while idle is replaced once, silently.
+connection the server closed while idle is replaced once, silently (a timeout is not
+taken for that: it is the engine's to retry). Inside a pull's
+:func:`puller.cancel.watching` block, every connection is watched while it waits, so
+that cancelling the pull ends the wait at once.
 
 Proxies come from the settings (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``): HTTPS
 goes through a ``CONNECT`` tunnel, plain HTTP is sent to the proxy with the absolute
@@ -36,6 +39,7 @@ from adapter.errors import (
     StorageError,
     StorageUnavailable,
 )
+from puller.cancel import watch
 
 if TYPE_CHECKING:
     from adapter.settings import Settings
@@ -292,20 +296,33 @@ class RangedHttp:
         sent_headers = dict(headers or {})
         conn, reused = self._connection(origin)
         try:
-            conn.request(method, target, headers=sent_headers)
-            return origin, conn, conn.getresponse()
+            return origin, conn, self._send(conn, method, target, sent_headers)
         except (OSError, http.client.HTTPException) as exc:
             self.drop(origin, conn)
-            if not reused or isinstance(exc, ssl.SSLError):
+            # a timeout is a store that stopped answering, not a stale connection: it
+            # is the caller's to retry (with backoff, counted against its attempts)
+            if not reused or isinstance(exc, ssl.SSLError | TimeoutError):
                 raise self._connection_error(exc, where) from None
         # the server may have closed an idle keep-alive connection: one fresh try
         conn, _ = self._connection(origin)
         try:
-            conn.request(method, target, headers=sent_headers)
-            return origin, conn, conn.getresponse()
+            return origin, conn, self._send(conn, method, target, sent_headers)
         except (OSError, http.client.HTTPException) as exc:
             self.drop(origin, conn)
             raise self._connection_error(exc, where) from None
+
+    @staticmethod
+    def _send(
+        conn: http.client.HTTPConnection, method: str, target: str, headers: Mapping[str, str]
+    ) -> http.client.HTTPResponse:
+        """Connect when needed, put the socket under the current pull's cancel (see
+        :mod:`puller.cancel`: a cancel then ends the wait at once), send the request
+        and wait for the answer's headers."""
+        if conn.sock is None:
+            conn.connect()
+        watch(conn)
+        conn.request(method, target, headers=headers)
+        return conn.getresponse()
 
     def _connection_error(self, exc: BaseException, where: str) -> SidecarError:
         if isinstance(exc, ssl.SSLCertVerificationError):

@@ -156,7 +156,8 @@ def engine_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def engine(engine_settings: Settings) -> Iterator[PullEngine]:
-    eng = PullEngine(engine_settings, buffer_bytes=64 * 1024)
+    # every blob reserved, however small, so the reservation tests can use small ones
+    eng = PullEngine(engine_settings, buffer_bytes=64 * 1024, reserve_min_bytes=0)
     yield eng
     eng.close()
 
@@ -743,6 +744,28 @@ def test_a_disk_too_small_fails_before_the_range_is_asked_for(
     with pytest.raises(DiskFull, match="no space"):
         fetch(engine, store, tmp_path / "out")
     assert store.opened == []
+
+
+def test_a_small_blob_is_written_without_a_reservation(
+    engine_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spans: list[tuple[int, int]] = []
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        spans.append((offset, length))
+        return 0
+
+    monkeypatch.setattr(file_writes, "_fallocate", fallocate)
+    small, big = os.urandom(4096), os.urandom(engine_settings.pull_part_bytes + 1)
+    store = MemoryStorage(engine_settings, {"small.bin": small, "big.bin": big})
+    engine = PullEngine(engine_settings, reserve_min_bytes=len(big))
+    try:
+        fetch(engine, store, tmp_path / "out")
+    finally:
+        engine.close()
+    assert (tmp_path / "out" / "small.bin").read_bytes() == small
+    assert (tmp_path / "out" / "big.bin").read_bytes() == big
+    assert sorted(spans) == [(0, engine_settings.pull_part_bytes), (engine_settings.pull_part_bytes, 1)]
 
 
 def test_blocks_are_reserved_a_part_ahead_and_again_before_a_refetch(

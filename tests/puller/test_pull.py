@@ -338,6 +338,50 @@ async def test_cancel_mid_pull_leaves_nothing(settings: Settings, slow_store: Sl
         await asyncio.to_thread(puller.close)
 
 
+class StalledListing(FileStorage):
+    """A file store whose listing hangs until released (a vendor SDK stuck in a read)."""
+
+    def __init__(self, config: StorageConfig, settings: Settings) -> None:
+        super().__init__(config, settings)
+        self.listing = threading.Event()
+        self.release = threading.Event()
+        self.listed = threading.Event()
+
+    def plan(self, path: str) -> Plan:
+        self.listing.set()
+        self.release.wait(10)
+        try:
+            return super().plan(path)
+        finally:
+            self.listed.set()
+
+
+async def test_a_cancel_during_a_stalled_listing_returns_at_once_and_writes_nothing(
+    settings: Settings, source: Path
+) -> None:
+    store = StalledListing(StorageConfig(type="file", fields={"root": str(source)}), settings)
+    puller = Puller(settings, registry=OneBackendRegistry(store))
+    await asyncio.to_thread(puller.start)
+    try:
+        task = asyncio.create_task(puller.pull(request("stalled__isvc-30", "models/sk")))
+        assert await asyncio.to_thread(store.listing.wait, 10), "the listing never started"
+        task.cancel()
+        started = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        assert time.monotonic() - started < 2.0, "the cancel waited for the listing"
+        assert staging_leftovers(settings) == []
+        # the listing ends later: the abandoned thread writes nothing
+        store.release.set()
+        assert await asyncio.to_thread(store.listed.wait, 10)
+        await asyncio.sleep(0.2)
+        assert not (settings.root_model_dir / "stalled__isvc-30").exists()
+        assert staging_leftovers(settings) == []
+    finally:
+        store.release.set()
+        await asyncio.to_thread(puller.close)
+
+
 # --- sizes, removal, purge -----------------------------------------------------------------
 
 
