@@ -12,12 +12,13 @@ loaded; loads and unloads of one id run in arrival order (``adapter.sequencing``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
@@ -34,7 +35,7 @@ from puller.model_key import ModelKey, validate_model_id
 from puller.request import LocalModel, PullRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from adapter.plugin import RuntimePlugin
     from adapter.settings import Settings
@@ -42,9 +43,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 #: how long a cancelled load waits for the runtime to finish the load it was sent,
 #: so that it can be unloaded again
 CANCEL_SETTLE_SECONDS = 60.0
+
+#: seconds between two readiness checks of the runtime once it was READY
+RUNTIME_WATCH_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,10 @@ class ModelFlow:
         self._purged = False
         self._purge_lock = asyncio.Lock()
         self._version: str | None = None
+        #: set from when the runtime was seen down after READY until every model the
+        #: mesh believes loaded was loaded into it again
+        self._recovering = False
+        self._check_runtime = asyncio.Event()
 
     # ---------------------------------------------------------------- status
 
@@ -134,8 +144,13 @@ class ModelFlow:
 
     async def runtime_status(self) -> RuntimeInfo:
         """STARTING (ready=False) until the runtime is ready; before the first READY,
-        purge every model the runtime has loaded and every leftover directory."""
+        purge every model the runtime has loaded and every leftover directory. After
+        READY, not ready while the runtime is down or its models are being loaded
+        into it again (see :meth:`watch_runtime`)."""
         ready = await self.plugin.is_ready()
+        if self._purged and (self._recovering or not ready):
+            self._check_runtime.set()
+            ready = False
         if ready and not self._purged:
             async with self._purge_lock:
                 if not self._purged:
@@ -199,28 +214,110 @@ class ModelFlow:
             count += 1
         return count
 
+    # -------------------------------------------------------- runtime restarts
+
+    async def watch_runtime(
+        self,
+        on_change: Callable[[bool], Awaitable[None]],
+        interval: float = RUNTIME_WATCH_SECONDS,
+    ) -> None:
+        """Run until cancelled: once the runtime was READY, check it every ``interval``
+        seconds (sooner when a call found it unreachable). When it stops answering,
+        ``on_change(False)``; when it answers again, load every model the mesh
+        believes loaded into it again (a restarted runtime has none), then
+        ``on_change(True)``. A model that cannot be loaded again is dropped (its files
+        too), so the mesh's next loadModel of it starts afresh."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_runtime.wait(), interval)
+            self._check_runtime.clear()
+            if not self._purged:
+                continue
+            try:
+                ready = await self.plugin.is_ready()
+            except SidecarError:
+                ready = False
+            if not ready and not self._recovering:
+                self._recovering = True
+                log.warning("runtime stopped answering; models will be loaded again when it is back")
+                await on_change(False)
+            elif ready and self._recovering:
+                await self._reload_all()
+                self._recovering = False
+                await on_change(True)
+
+    async def _reload_all(self) -> None:
+        started = time.monotonic()
+        entries = list(self._loaded.items())
+        results = await asyncio.gather(*(self._reload(model_id, entry) for model_id, entry in entries))
+        # a runtime that was only unreachable may still hold models unloaded meanwhile
+        try:
+            strays = [
+                m for m in await self.plugin.list_models() if m not in self._loaded and m not in self._jobs
+            ]
+        except SidecarError as exc:
+            log.warning("cannot list the runtime's models after it came back", error=str(exc))
+            strays = []
+        for model_id in strays:
+            try:
+                await self.plugin.unload(model_id)
+            except SidecarError as exc:
+                log.warning("cannot unload a model the mesh no longer has", model_id=model_id, error=str(exc))
+        log.info(
+            "runtime is back; models loaded again",
+            models=sum(results),
+            dropped=len(results) - sum(results),
+            strays_unloaded=len(strays),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _reload(self, model_id: str, entry: _Loaded) -> bool:
+        """Load ``entry`` into the runtime again, in the model's turn; ``False`` when
+        it could not be (it is then unloaded here)."""
+        async with self._turns.take(model_id), self._slots:
+            if self._loaded.get(model_id) is not entry:
+                return True  # unloaded or replaced meanwhile: nothing to restore
+            with structlog.contextvars.bound_contextvars(model_id=model_id):
+                try:
+                    async with asyncio.timeout(self.settings.loadtime_timeout_ms / 1000):
+                        await _to_thread_to_end(self.plugin.remove_view, model_id)
+                        view = await _to_thread_to_end(self.plugin.layout, entry.model)
+                        await self.plugin.load(model_id, view, entry.model)
+                except (SidecarError, TimeoutError) as exc:
+                    log.warning("model could not be loaded again; dropping it", error=str(exc))
+                    self._loaded.pop(model_id, None)
+                    await self._undo_steps(model_id, None)
+                    return False
+        return True
+
     # ------------------------------------------------------------------ load
 
     async def load(self, request: LoadRequest) -> LoadResult:
         """Load the model and return only when it is servable. A second call for the
-        same id and the same request while the first runs shares its job."""
-        job = self._jobs.get(request.model_id)
-        if job is None or job.request.identity != request.identity:
-            job = _LoadJob(request)
-            turn = self._turns.take(request.model_id)
-            job.task = asyncio.create_task(self._run_load(job, turn), name=f"load {request.model_id}")
-            self._jobs[request.model_id] = job
-        assert job.task is not None
-        job.waiters += 1
-        try:
-            return await asyncio.shield(job.task)
-        except asyncio.CancelledError:
-            if job.waiters == 1 and not job.task.done():
-                log.info("loadModel cancelled by the caller; cancelling the load")
-                job.task.cancel()
-            raise
-        finally:
-            job.waiters -= 1
+        same id and the same request while the first runs shares its job; a job that
+        is being cancelled (its every caller went away) is not joined: the new call
+        starts its own, after the cancelled one has cleaned up."""
+        while True:
+            job = self._jobs.get(request.model_id)
+            if job is None or job.request.identity != request.identity or _ending(job):
+                job = _LoadJob(request)
+                turn = self._turns.take(request.model_id)
+                job.task = asyncio.create_task(self._run_load(job, turn), name=f"load {request.model_id}")
+                self._jobs[request.model_id] = job
+            assert job.task is not None
+            job.waiters += 1
+            try:
+                return await asyncio.shield(job.task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling() == 0:
+                    continue  # the job was cancelled, not this caller: start afresh
+                if job.waiters == 1 and not job.task.done():
+                    log.info("loadModel cancelled by the caller; cancelling the load")
+                    job.task.cancel()
+                raise
+            finally:
+                job.waiters -= 1
 
     async def _run_load(self, job: _LoadJob, turn: Turn) -> LoadResult:
         request = job.request
@@ -243,7 +340,7 @@ class ModelFlow:
         try:
             async with asyncio.timeout(timeout):
                 model = await self._obtain(request)
-                view = await asyncio.to_thread(self.plugin.layout, model)
+                view = await _to_thread_to_end(self.plugin.layout, model)
                 runtime_load = asyncio.ensure_future(self.plugin.load(request.model_id, view, model))
                 runtime_size = await asyncio.shield(runtime_load)
         except TimeoutError:
@@ -251,7 +348,9 @@ class ModelFlow:
             raise LoadTimeout(
                 f"loading model {request.model_id!r} did not finish within {timeout:g}s (LOADTIME_TIMEOUT)"
             ) from None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, RuntimeUnavailable):
+                self._check_runtime.set()
             await self._undo(request.model_id, runtime_load)
             raise
         size = runtime_size if runtime_size is not None else self._size_from_disk(model.disk_size_bytes)
@@ -283,8 +382,12 @@ class ModelFlow:
         path = Path(request.model_path)
         if not path.is_absolute():
             path = root / path
+        # inside ROOT_MODEL_DIR once resolved, or as written (with ``..`` folded, not
+        # followed): a model the standalone puller linked in place (pvc) resolves
+        # elsewhere, but its path names a folder of ROOT_MODEL_DIR
         resolved = path.resolve()
-        if not resolved.is_relative_to(root) and not path.absolute().is_relative_to(root):
+        written = Path(os.path.normpath(path.absolute()))
+        if not resolved.is_relative_to(root) and not written.is_relative_to(root):
             raise InvalidRequest(f"modelPath {request.model_path!r} is not inside ROOT_MODEL_DIR")
         if not path.exists():
             raise ModelNotFound(f"modelPath {request.model_path!r} does not exist")
@@ -327,9 +430,20 @@ class ModelFlow:
             except SidecarError as exc:
                 log.warning("unload after failed load failed", error=str(exc))
         self._loaded.pop(model_id, None)
-        await asyncio.to_thread(self.plugin.remove_view, model_id)
-        if self.puller is not None:
-            await self.puller.remove(model_id)
+        await self._remove_files(model_id)
+
+    async def _remove_files(self, model_id: str) -> None:
+        """The runtime's view of the model and, with the embedded puller, its model
+        directory: one worker-thread hop, run to its end even if the caller is
+        cancelled."""
+        puller = self.puller
+
+        def remove() -> None:
+            self.plugin.remove_view(model_id)
+            if puller is not None:
+                puller.remove_now(model_id)
+
+        await _to_thread_to_end(remove)
 
     # ---------------------------------------------------------------- unload
 
@@ -344,10 +458,15 @@ class ModelFlow:
                     await self.plugin.unload(model_id)
                 except ModelNotFound:
                     log.info("runtime does not know the model; treating as unloaded")
+                except RuntimeUnavailable:
+                    if not self._recovering:
+                        self._check_runtime.set()
+                        raise
+                    # the runtime is down: it holds nothing now, and what it still
+                    # holds when it answers again is unloaded then (_reload_all)
+                    log.info("runtime is down; unloading the model from the sidecar only")
                 self._loaded.pop(model_id, None)
-                await asyncio.to_thread(self.plugin.remove_view, model_id)
-                if self.puller is not None:
-                    await self.puller.remove(model_id)
+                await self._remove_files(model_id)
                 log.info("model unloaded")
 
     # ----------------------------------------------------------------- sizes
@@ -398,6 +517,25 @@ class ModelFlow:
     def loaded_model(self, model_id: str) -> LocalModel | None:
         entry = self._loaded.get(model_id)
         return entry.model if entry is not None else None
+
+
+def _ending(job: _LoadJob) -> bool:
+    """True when ``job`` was cancelled (it is cleaning up, or done)."""
+    task = job.task
+    return task is not None and (task.cancelled() or task.cancelling() > 0)
+
+
+async def _to_thread_to_end(function: Callable[..., T], *args: object) -> T:
+    """``asyncio.to_thread``, but a cancelled caller still waits for the thread to
+    finish before the ``CancelledError`` goes on: file work (a view being laid out, a
+    folder being removed) is never left running behind the clean-up that follows."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
 
 
 def _disk_size(path: Path) -> int:

@@ -10,13 +10,35 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's plain line writer, with the name the logger was asked for (what
+    ``add_logger_name`` reads)."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _WriteLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        return _NamedWriteLogger(self.file, str(args[0]) if args else "")
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Configure structlog and the standard library logging for this process."""
+    """Configure structlog and the standard library logging for this process.
+
+    Our own lines are rendered by structlog and written straight to stdout (no
+    ``logging.LogRecord`` round trip: a load logs a few lines, and the control plane
+    should not pay for a second formatting pipeline); standard-library loggers go
+    through a handler that renders them with the same processors."""
     level_no = logging.getLevelNamesMapping()[level.upper()]
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     shared: list[Any] = [
@@ -32,9 +54,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         processors=[
             *shared,
             structlog.processors.format_exc_info if use_json else structlog.processors.StackInfoRenderer(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=_WriteLoggerFactory(sys.stdout),
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
         cache_logger_on_first_use=True,
     )

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import shutil
 import signal
+import socket
+import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -15,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from adapter import errors
 from adapter.flow import LoadRequest, ModelFlow, RuntimeInfo
-from adapter.settings import Settings
+from adapter.settings import UNIX_PATH_MAX, Settings
 from protos.mmesh import model_runtime_pb2 as pb
 from protos.mmesh import model_runtime_pb2_grpc as pb_grpc
 
@@ -154,8 +160,72 @@ class ModelRuntimeServicer(pb_grpc.ModelRuntimeServicer):  # type: ignore[misc]
         raise AssertionError("unreachable")
 
 
+def _refuse_unless_stale(path: Path) -> None:
+    """Raise unless ``path`` is free or a socket nobody listens on (a previous run's)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise errors.ConfigurationError(f"ADAPTER_ENDPOINT: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                return
+            raise errors.ConfigurationError(
+                f"ADAPTER_ENDPOINT: cannot tell whether {path} is in use: {exc.strerror}"
+            ) from None
+    raise errors.ConfigurationError(f"ADAPTER_ENDPOINT: another process listens on {path}")
+
+
+def bind_unix_socket(server: grpc.aio.Server, path: Path) -> tuple[int, int]:
+    """Bind ``server`` to the Unix socket ``path``, mode 0600, replacing a stale one.
+
+    The socket is bound inside a fresh folder beside ``path`` that only this uid may
+    enter (0700), set to 0600 there, and renamed over ``path``: at no moment can another
+    user reach it, and a stale socket is replaced atomically. Returns the socket's
+    (device, inode), so that shutdown removes it only if it is still ours.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_unless_stale(path)
+    private = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))
+    try:
+        staged = private / "s"
+        if len(bytes(staged)) > UNIX_PATH_MAX:
+            raise errors.ConfigurationError(
+                f"ADAPTER_ENDPOINT: {path.parent} is too long a folder for a socket "
+                f"(a socket path holds at most {UNIX_PATH_MAX} bytes)"
+            )
+        try:
+            bound = server.add_insecure_port(f"unix:{staged}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise errors.ConfigurationError(f"cannot listen on unix:{path}")
+        staged.chmod(0o600)
+        staged.replace(path)
+        found = path.lstat()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return found.st_dev, found.st_ino
+
+
+def remove_unix_socket(path: Path, identity: tuple[int, int]) -> None:
+    """Remove the socket at ``path`` if it is still the one :func:`bind_unix_socket` made."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return
+    if (found.st_dev, found.st_ino) == identity:
+        path.unlink(missing_ok=True)
+
+
 class AdapterServer:
-    """The grpc.aio server of the adapter: ModelRuntime + health, on ADAPTER_PORT."""
+    """The grpc.aio server of the adapter: ModelRuntime + health, on ADAPTER_PORT, or on
+    a Unix socket when ADAPTER_ENDPOINT says ``unix:/path``."""
 
     def __init__(self, settings: Settings, flow: ModelFlow) -> None:
         self.settings = settings
@@ -163,13 +233,28 @@ class AdapterServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
+        #: the gRPC target clients dial: ``host:port`` or ``unix:/path``
+        self.address: str | None = None
+        self._socket: tuple[Path, tuple[int, int]] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _mark_serving(self) -> None:
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
+
+    async def _set_health(self, *, serving: bool) -> None:
+        codes = health_pb2.HealthCheckResponse
+        status = codes.SERVING if serving else codes.NOT_SERVING
+        await self.health.set(SERVICE_NAME, status)
+        await self.health.set("", status)
+
+    async def _runtime_changed(self, up: bool) -> None:
+        """The runtime stopped answering (NOT_SERVING) or is back with every model
+        loaded again (SERVING): see :meth:`ModelFlow.watch_runtime`."""
+        await self._set_health(serving=up)
 
     async def start(self) -> int:
-        """Start serving; returns the bound port (useful with ADAPTER_PORT=0)."""
+        """Start serving; returns the bound port (useful with ADAPTER_PORT=0), 0 on a
+        Unix socket."""
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ModelRuntimeServicer_to_server(
             ModelRuntimeServicer(self.flow, self._mark_serving), server
@@ -177,22 +262,47 @@ class AdapterServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.settings.adapter_host}:{self.settings.adapter_port}"
-        port: int = server.add_insecure_port(address)
-        if port == 0:
-            raise errors.ConfigurationError(f"cannot listen on {address}")
-        await server.start()
+        socket_path = self.settings.adapter_socket_path
+        if socket_path is not None:
+            self._socket = (socket_path, bind_unix_socket(server, socket_path))
+            port, self.address = 0, f"unix:{socket_path}"
+        else:
+            address = f"{self.settings.adapter_host}:{self.settings.adapter_listen_port}"
+            port = server.add_insecure_port(address)
+            if port == 0:
+                raise errors.ConfigurationError(f"cannot listen on {address}")
+            self.address = f"{self.settings.adapter_host}:{port}"
+        try:
+            await server.start()
+        except BaseException:
+            self._remove_socket()
+            raise
         self._server = server
         self.port = port
-        log.info("adapter listening", address=f"{self.settings.adapter_host}:{port}")
+        watch = self.flow.watch_runtime(self._runtime_changed)
+        self._watch = asyncio.create_task(watch, name="runtime watch")
+        log.info("adapter listening", address=self.address)
         return port
+
+    def _remove_socket(self) -> None:
+        if self._socket is not None:
+            remove_unix_socket(*self._socket)
+            self._socket = None
 
     async def stop(self, grace: float | None = None) -> None:
         if self._server is None:
             return
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace if grace is not None else self.settings.shutdown_grace_seconds)
-        self._server = None
+        try:
+            await self._server.stop(grace if grace is not None else self.settings.shutdown_grace_seconds)
+        finally:
+            self._server = None
+            self._remove_socket()
 
     async def wait(self) -> None:
         if self._server is not None:

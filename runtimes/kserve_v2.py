@@ -104,6 +104,20 @@ class KServeV2Client:
             raise
         return bool(response.ready)
 
+    async def server_live(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - gRPC deadline
+        """True when the server says it is live (its process answers), whatever the
+        state of its models. ``False`` (never an error) when it cannot be reached or
+        does not answer within the timeout; other refusals raise ``RuntimeRejected``."""
+        try:
+            response = await self._call("ServerLive", pb.ServerLiveRequest(), timeout)
+        except RuntimeUnavailable:
+            return False
+        except RuntimeRejected as exc:
+            if exc.code == "DEADLINE_EXCEEDED":
+                return False
+            raise
+        return bool(response.live)
+
     async def server_metadata(self, timeout: float | None = None) -> tuple[str, str]:  # noqa: ASYNC109 - gRPC deadline
         """The server's (name, version) as it reports them (either may be empty)."""
         response = await self._call("ServerMetadata", pb.ServerMetadataRequest(), timeout)

@@ -75,6 +75,17 @@ class MLServerPlugin(KServeV2Plugin):
     #: seconds for an unload (the mesh retries failed unloads)
     unload_timeout: ClassVar[float] = 60.0
 
+    async def is_ready(self) -> bool:
+        """MLServer's ServerLive; ``False`` when it cannot be reached.
+
+        Not ServerReady: MLServer answers that with "every model in my registry is
+        ready" (``DataPlane.ready``), which is False while any model is being loaded,
+        and stays False for a model whose load returned False. That says nothing about
+        whether MLServer takes repository calls, and read as "the runtime is down" it
+        made the sidecar report STARTING and load every model again whenever loads
+        overlapped a readiness check."""
+        return await self.client.server_live(timeout=self.status_timeout)
+
     async def load(self, model_id: str, view: Path, model: LocalModel) -> int | None:
         """RepositoryModelLoad of ``model_id`` (its view must be in place); returns
         ``None``: MLServer does not report sizes. The gRPC deadline is
