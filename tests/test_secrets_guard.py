@@ -1,5 +1,6 @@
-"""The secrets guard (``tests/secrets_guard.py``) catches what it is there to catch: the
-scanner on its own, and whole pytest sessions with a leak planted in them."""
+"""The secrets guard (``tests/secrets_guard.py``, ``tests/secret_scan.py``) catches what it
+is there to catch: the scanner on its own, and whole pytest sessions with a leak planted
+in them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from adapter.errors import StorageConfigError
 from puller.oci_registry import check_registry
-from tests.secrets_guard import SecretGuard, is_our_command, secrets_in_fields, secrets_in_text
+from tests.secret_scan import SecretGuard, secrets_in_fields, secrets_in_text
+from tests.secrets_guard import is_our_command
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED = "planted-Secret-6f1d0c2b"
