@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from adapter.errors import StorageConfigError, UnsafePath
-from puller.storage.file import LocalDirectoryStorage
+from puller.storage.file import LocalDirectoryStorage, _inside
 
 if TYPE_CHECKING:
     from adapter.settings import Settings
@@ -50,9 +50,21 @@ class PVCStorage(LocalDirectoryStorage):
     def local_path(self, path: str) -> str:
         """The absolute resolved path of the model at ``path`` on the mounted claim, to
         be linked. ``StorageNotFound`` when the claim is not mounted or nothing is
-        there; ``UnsafePath`` when ``path`` (or a link on the way) leads outside the
-        claim's mount."""
-        return self.resolve(path)
+        there; ``UnsafePath`` when ``path`` (or a link on the way), or a link inside
+        the model's folder, leads outside the claim's mount: the runtime follows the
+        links it finds, so none may lead it elsewhere in its container."""
+        resolved = self.resolve(path)
+        if Path(resolved).is_dir():
+            root_real = self._root_real()
+            for folder, dirs, files in os.walk(resolved):
+                for name in (*dirs, *files):
+                    entry = Path(folder) / name
+                    if entry.is_symlink() and not _inside(os.path.realpath(entry), root_real):
+                        inner = entry.relative_to(resolved).as_posix()
+                        raise UnsafePath(
+                            f"{self.describe()}: the link '{inner}' in model '{path}' leads outside the claim"
+                        )
+        return resolved
 
     def identity(self) -> str:
         return f"pvc:{self.name}"

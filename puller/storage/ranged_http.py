@@ -57,8 +57,12 @@ def without_query(url: str) -> str:
     """``url`` with no query string, fragment or user info: safe for a message."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if ":" in host:
+        host = f"[{host}]"
+    # the port as written: an out-of-range one must not turn a message into a crash
+    port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+    if port:
+        host = f"{host}:{port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 

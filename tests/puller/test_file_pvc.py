@@ -413,6 +413,22 @@ def test_pvc_link_to_another_claim_is_refused(mount: Path, settings: Settings) -
         pvc(settings).local_path("etc/passwd")
 
 
+def test_pvc_model_holding_a_link_out_of_the_claim_is_refused(mount: Path, settings: Settings) -> None:
+    model = mount / "linked-model"
+    (model / "inner").mkdir(parents=True)
+    (model / "weights.bin").write_bytes(b"w")
+    os.symlink("../weights.bin", model / "inner" / "same-model.bin")  # inside: fine
+    os.symlink("../../dir", model / "inner" / "same-claim")  # inside the claim: fine
+    assert pvc(settings).local_path("linked-model") == str(model.resolve())
+    os.symlink("../../../other-claim/theirs.bin", model / "inner" / "theirs.bin")
+    with pytest.raises(UnsafePath, match=r"inner/theirs\.bin"):
+        pvc(settings).local_path("linked-model")
+    (model / "inner" / "theirs.bin").unlink()
+    os.symlink("/etc/passwd", model / "passwd")
+    with pytest.raises(UnsafePath, match="'passwd'"):
+        pvc(settings).local_path("linked-model")
+
+
 def test_pvc_not_mounted(settings: Settings) -> None:
     settings.pvc_mounts_dir.mkdir(parents=True)
     with pytest.raises(StorageNotFound, match="'absent'"):

@@ -38,7 +38,7 @@ from puller.pull import Puller
 from puller.request import LocalModel, PullRequest
 from puller.storage.base import Blob
 from puller.storage.http import HTTPStorage, parse_headers, status_error
-from puller.storage.ranged_http import RangedHttp
+from puller.storage.ranged_http import RangedHttp, without_query
 from puller.testing.storage_conformance import ConformanceStore, StorageConformance
 from tests.puller.conftest import make_settings
 from tests.servers.https import Certificates, FileServer, make_pki
@@ -583,11 +583,25 @@ def test_names_are_percent_encoded_and_escapes_kept(plain: FileServer, base: str
 
 @pytest.mark.parametrize(
     ("url", "complaint"),
-    [(None, "has no url"), ("ftp://host/x", "url must look like"), ("127.0.0.1:8080", "url must look like")],
+    [
+        (None, "has no url"),
+        ("ftp://host/x", "url must look like"),
+        ("127.0.0.1:8080", "url must look like"),
+        ("ftp://user:hunter2-secret@host:99999/x?sig=s3cr3t", r"got ftp://host:99999/x$"),
+        ("https://host:99999/x", "invalid port"),
+    ],
 )
 def test_bad_urls_are_config_errors(url: str | None, complaint: str, make_storage: Any) -> None:
-    with pytest.raises(StorageConfigError, match=complaint):
+    with pytest.raises(StorageConfigError, match=complaint) as info:
         make_storage(url=url)
+    assert "hunter2" not in str(info.value)
+    assert "s3cr3t" not in str(info.value)
+
+
+def test_a_url_in_a_message_has_no_query_and_no_user_info() -> None:
+    assert without_query("https://u:p@[::1]:8080/a/b?sig=x#f") == "https://[::1]:8080/a/b"
+    assert without_query("https://host/a?X-Amz-Signature=x") == "https://host/a"
+    assert without_query("http://h:99999/p") == "http://h:99999/p"
 
 
 # --- redirects --------------------------------------------------------------------------
