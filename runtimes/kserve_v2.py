@@ -94,29 +94,27 @@ class KServeV2Client:
         """True when the server says it is ready. ``False`` (never an error) when it
         cannot be reached or does not answer within the timeout; other refusals raise
         ``RuntimeRejected``."""
-        try:
-            response = await self._call("ServerReady", pb.ServerReadyRequest(), timeout)
-        except RuntimeUnavailable:
-            return False
-        except RuntimeRejected as exc:
-            if exc.code == "DEADLINE_EXCEEDED":
-                return False
-            raise
-        return bool(response.ready)
+        response = await self._probe("ServerReady", pb.ServerReadyRequest(), timeout)
+        return response is not None and bool(response.ready)
 
     async def server_live(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - gRPC deadline
         """True when the server says it is live (its process answers), whatever the
         state of its models. ``False`` (never an error) when it cannot be reached or
         does not answer within the timeout; other refusals raise ``RuntimeRejected``."""
+        response = await self._probe("ServerLive", pb.ServerLiveRequest(), timeout)
+        return response is not None and bool(response.live)
+
+    async def _probe(self, method: str, request: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """The answer to a health call, ``None`` when the server is unreachable or too
+        slow."""
         try:
-            response = await self._call("ServerLive", pb.ServerLiveRequest(), timeout)
+            return await self._call(method, request, timeout)
         except RuntimeUnavailable:
-            return False
+            return None
         except RuntimeRejected as exc:
             if exc.code == "DEADLINE_EXCEEDED":
-                return False
+                return None
             raise
-        return bool(response.live)
 
     async def server_metadata(self, timeout: float | None = None) -> tuple[str, str]:  # noqa: ASYNC109 - gRPC deadline
         """The server's (name, version) as it reports them (either may be empty)."""
