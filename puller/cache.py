@@ -77,7 +77,8 @@ def cache_key(identity: str, blob: Blob) -> str | None:
     if not blob.version:
         return None
     material = json.dumps([identity, blob.name, blob.version, blob.size], ensure_ascii=False)
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+    # a store's JSON listing can spell a lone surrogate in a name: still one key of its own
+    return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def clone_or_copy(source: Path, target: Path) -> None:

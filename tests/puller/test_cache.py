@@ -479,6 +479,10 @@ def test_cache_keys() -> None:
     assert cache_key("s3:x/bkt", blob) != cache_key("s3:x/bkt", replace(blob, version='"new"'))
     assert cache_key("s3:x/bkt", blob) != cache_key("s3:x/bkt", replace(blob, name="a/c"))
     assert cache_key("s3:x/bkt", replace(blob, version=None)) is None
+    # a lone surrogate (a JSON listing can spell one) is a name like any other
+    odd = cache_key("gcs:bkt", replace(blob, name="a/\ud800"))
+    assert odd is not None
+    assert odd != cache_key("gcs:bkt", replace(blob, name="a/\udc00"))
 
 
 def test_link_or_copy_and_clone(tmp_path: Path) -> None:
