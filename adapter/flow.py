@@ -147,7 +147,9 @@ class ModelFlow:
         purge every model the runtime has loaded and every leftover directory. After
         READY, not ready while the runtime is down or its models are being loaded
         into it again (see :meth:`watch_runtime`)."""
-        ready = await self.plugin.is_ready()
+        # once READY, "ready" is the runtime being there (is_alive): a server whose
+        # readiness counts its models (one loading, one short of workers) still loads
+        ready = await (self.plugin.is_alive() if self._purged else self.plugin.is_ready())
         if self._purged and (self._recovering or not ready):
             self._check_runtime.set()
             ready = False
@@ -234,7 +236,7 @@ class ModelFlow:
             if not self._purged:
                 continue
             try:
-                ready = await self.plugin.is_ready()
+                ready = await self.plugin.is_alive()
             except SidecarError:
                 ready = False
             if not ready and not self._recovering:

@@ -72,6 +72,14 @@ class RuntimePlugin(abc.ABC):
         """True when the runtime answers and can load models. Never raises for an
         unreachable runtime: that is ``False``."""
 
+    async def is_alive(self) -> bool:
+        """True when the runtime's process answers at all, whatever the state of its
+        models: what the flow's runtime watch checks once READY (``False`` there means
+        the runtime went away, and its models are loaded again when it answers). Never
+        raises. Override when readiness also depends on the models (a server "not
+        ready" while one of them loads); the default is :meth:`is_ready`."""
+        return await self.is_ready()
+
     @abc.abstractmethod
     async def runtime_version(self) -> str | None:
         """The runtime's version as it reports it, or ``None`` if it does not."""

@@ -233,6 +233,10 @@ class KServeV2Plugin(RuntimePlugin):
         """The runtime's ServerReady; ``False`` when it cannot be reached."""
         return await self.client.server_ready(timeout=self.status_timeout)
 
+    async def is_alive(self) -> bool:
+        """The runtime's ServerLive: its process answers, whatever its models' state."""
+        return await self.client.server_live(timeout=self.status_timeout)
+
     async def runtime_version(self) -> str | None:
         """The version in the runtime's ServerMetadata, ``None`` when it reports none."""
         _, version = await self.client.server_metadata(timeout=self.call_timeout)

@@ -337,6 +337,17 @@ class TorchServePlugin(RuntimePlugin):
             raise
         return health_status(str(response.health)) == HEALTHY
 
+    async def is_alive(self) -> bool:
+        """True when Ping answers at all: ``Partial Healthy`` (a model short of workers)
+        and ``Unhealthy`` come from a TorchServe that is there, and takes calls."""
+        try:
+            await self._call("inference", "Ping", empty_pb2.Empty(), self.status_timeout)
+        except RuntimeUnavailable:
+            return False
+        except RuntimeRejected as exc:
+            return exc.code != "DEADLINE_EXCEEDED"
+        return True
+
     async def runtime_version(self) -> str | None:
         """``None``: TorchServe's gRPC APIs do not report its version."""
         return None

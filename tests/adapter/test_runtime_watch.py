@@ -176,6 +176,30 @@ async def test_a_model_that_fails_to_load_again_is_dropped(
     assert "broken" in runtime.loaded
 
 
+class BusyRuntime(RestartableRuntime):
+    """Not ready while a model loads (as a server whose readiness counts its models),
+    yet there all along."""
+
+    async def is_alive(self) -> bool:
+        return not self.down
+
+
+async def test_a_runtime_not_ready_but_alive_is_not_taken_for_gone(root: Path):
+    runtime = BusyRuntime(make_settings(root))
+    flow = ModelFlow(make_settings(root), runtime, None)
+    assert (await flow.runtime_status()).ready
+    await flow.load(load_request(root, "kept"))
+    watch = Watch(flow)
+    try:
+        runtime.ready = False  # e.g. another model is loading
+        await asyncio.sleep(0.3)
+        assert watch.changes == []
+        assert (await flow.runtime_status()).ready
+        assert runtime.calls.count(("load", "kept")) == 1  # not loaded again
+    finally:
+        await watch.stop()
+
+
 async def test_nothing_is_watched_before_the_first_ready(root: Path, runtime: RestartableRuntime):
     flow = ModelFlow(make_settings(root), runtime, None)
     runtime.crash()

@@ -124,6 +124,7 @@ async def test_nothing_listening_is_not_ready_and_calls_are_unavailable(tmp_path
     await plugin.start()
     try:
         assert await plugin.is_ready() is False
+        assert await plugin.is_alive() is False
         with pytest.raises(RuntimeUnavailable):
             await plugin.runtime_version()
         with pytest.raises(RuntimeUnavailable):
@@ -153,6 +154,7 @@ async def test_client_before_start_and_after_close_reopens(mlserver: MLServerPro
 
 async def test_ready_and_version(mlserver_plugin: MLServerPlugin) -> None:
     assert await mlserver_plugin.is_ready() is True
+    assert await mlserver_plugin.is_alive() is True
     assert await mlserver_plugin.runtime_version() == pinned_mlserver_version()
 
 

@@ -383,6 +383,7 @@ async def test_unreachable_torchserve_is_not_ready(plugin: TorchServePlugin) -> 
     await unreachable.start()
     try:
         assert await unreachable.is_ready() is False
+        assert await unreachable.is_alive() is False
         assert await unreachable.runtime_version() is None
     finally:
         await unreachable.close()

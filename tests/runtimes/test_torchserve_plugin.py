@@ -175,6 +175,7 @@ async def load(plugin: TorchServePlugin, model: LocalModel) -> int | None:
 async def test_ready_on_the_data_endpoint(plugin: TorchServePlugin, torchserve: TorchServeProcess) -> None:
     assert plugin.inference_target == f"127.0.0.1:{torchserve.inference_port}"
     assert await plugin.is_ready() is True
+    assert await plugin.is_alive() is True
     assert await plugin.runtime_version() is None
     assert torchserve.config_path.read_text().startswith("# TorchServe configuration")
 

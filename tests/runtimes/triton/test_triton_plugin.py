@@ -73,6 +73,7 @@ async def test_nothing_listening_is_not_ready_and_calls_are_unavailable(tmp_path
     await plugin.start()
     try:
         assert await plugin.is_ready() is False
+        assert await plugin.is_alive() is False
         with pytest.raises(RuntimeUnavailable):
             await plugin.runtime_version()
         with pytest.raises(RuntimeUnavailable):
@@ -91,6 +92,7 @@ async def test_nothing_listening_is_not_ready_and_calls_are_unavailable(tmp_path
 
 async def test_ready_version_and_method_infos(triton_plugin: TritonPlugin) -> None:
     assert await triton_plugin.is_ready() is True
+    assert await triton_plugin.is_alive() is True
     assert await triton_plugin.runtime_version() == TRITON_VERSION
     assert dict(triton_plugin.method_infos()) == {
         "inference.GRPCInferenceService/ModelInfer": (1,),
