@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,7 +30,7 @@ from adapter.errors import (
     RuntimeUnavailable,
     SidecarError,
 )
-from adapter.sequencing import Turn, TurnQueue
+from adapter.sequencing import Turn, TurnQueue, run_to_end
 from puller.model_key import ModelKey, validate_model_id
 from puller.request import LocalModel, PullRequest
 
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from puller.pull import Puller
 
 log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
 
 #: how long a cancelled load waits for the runtime to finish the load it was sent,
 #: so that it can be unloaded again
@@ -282,12 +280,11 @@ class ModelFlow:
             with structlog.contextvars.bound_contextvars(model_id=model_id):
                 try:
                     async with asyncio.timeout(self.settings.loadtime_timeout_ms / 1000):
-                        await _to_thread_to_end(self.plugin.remove_view, model_id)
-                        view = await _to_thread_to_end(self.plugin.layout, entry.model)
+                        await run_to_end(asyncio.to_thread(self.plugin.remove_view, model_id))
+                        view = await run_to_end(asyncio.to_thread(self.plugin.layout, entry.model))
                         await self.plugin.load(model_id, view, entry.model)
                 except (SidecarError, TimeoutError) as exc:
                     log.warning("model could not be loaded again; dropping it", error=str(exc))
-                    self._loaded.pop(model_id, None)
                     await self._undo_steps(model_id, None)
                     return False
         return True
@@ -342,7 +339,7 @@ class ModelFlow:
         try:
             async with asyncio.timeout(timeout):
                 model = await self._obtain(request)
-                view = await _to_thread_to_end(self.plugin.layout, model)
+                view = await run_to_end(asyncio.to_thread(self.plugin.layout, model))
                 runtime_load = asyncio.ensure_future(self.plugin.load(request.model_id, view, model))
                 runtime_size = await asyncio.shield(runtime_load)
         except TimeoutError:
@@ -408,12 +405,7 @@ class ModelFlow:
     async def _undo(self, model_id: str, runtime_load: asyncio.Future[int | None] | None) -> None:
         """Leave nothing behind of a failed or cancelled load. Runs to the end even if
         the caller is cancelled again."""
-        cleanup = asyncio.ensure_future(self._undo_steps(model_id, runtime_load))
-        try:
-            await asyncio.shield(cleanup)
-        except asyncio.CancelledError:
-            await cleanup
-            raise
+        await run_to_end(self._undo_steps(model_id, runtime_load))
 
     async def _undo_steps(self, model_id: str, runtime_load: asyncio.Future[int | None] | None) -> None:
         if runtime_load is not None:
@@ -445,7 +437,7 @@ class ModelFlow:
             if puller is not None:
                 puller.remove_now(model_id)
 
-        await _to_thread_to_end(remove)
+        await run_to_end(asyncio.to_thread(remove))
 
     # ---------------------------------------------------------------- unload
 
@@ -525,19 +517,6 @@ def _ending(job: _LoadJob) -> bool:
     """True when ``job`` was cancelled (it is cleaning up, or done)."""
     task = job.task
     return task is not None and (task.cancelled() or task.cancelling() > 0)
-
-
-async def _to_thread_to_end(function: Callable[..., T], *args: object) -> T:
-    """``asyncio.to_thread``, but a cancelled caller still waits for the thread to
-    finish before the ``CancelledError`` goes on: file work (a view being laid out, a
-    folder being removed) is never left running behind the clean-up that follows."""
-    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await work
-        raise
 
 
 def _disk_size(path: Path) -> int:

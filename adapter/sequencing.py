@@ -5,12 +5,19 @@ arrives (synchronously, before any ``await``), and runs only after every earlier
 of the same id has finished. So the final state of a model always matches the last
 call the mesh made, whatever the scheduling of the tasks in between; different ids
 never wait for each other.
+
+:func:`run_to_end` is the other half of that order: work a cancelled caller must not
+leave running behind the clean-up that follows it (a worker thread writing files).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Turn:
@@ -75,3 +82,24 @@ class TurnQueue:
     def _forget(self, key: str, done: asyncio.Future[None]) -> None:
         if self._tails.get(key) is done:
             del self._tails[key]
+
+
+async def run_to_end(future: Awaitable[T], on_cancel: Callable[[], None] | None = None) -> T:
+    """Await ``future`` (a thread's work, a clean-up) to its end. If the caller is
+    cancelled meanwhile, call ``on_cancel`` once, keep waiting until the work has
+    finished (so nothing keeps writing behind our back), then raise
+    ``CancelledError``; however often it is cancelled again."""
+    task = asyncio.ensure_future(future)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            if not cancelled and on_cancel is not None:
+                on_cancel()
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise asyncio.CancelledError
+    return task.result()

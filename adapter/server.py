@@ -260,8 +260,7 @@ class AdapterServer:
             ModelRuntimeServicer(self.flow, self._mark_serving), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(serving=False)
         socket_path = self.settings.adapter_socket_path
         if socket_path is not None:
             self._socket = (socket_path, bind_unix_socket(server, socket_path))

@@ -73,6 +73,7 @@ from adapter.errors import (
     StorageNotFound,
     UnsafePath,
 )
+from adapter.sequencing import run_to_end
 from adapter.settings import Settings
 from puller.archive import is_archive, unpack_archive
 from puller.cache import Checkout, ContentCache, link_or_copy
@@ -215,31 +216,11 @@ class _Fetched:
 _Staged = tuple[_Fetched, str, int]
 
 
-async def _run_to_end(future: Awaitable[T], on_cancel: Callable[[], None] | None = None) -> T:
-    """Await ``future`` (a thread's work) to its end. If the caller is cancelled
-    meanwhile, call ``on_cancel`` once, keep waiting until the thread has finished
-    (so nothing keeps writing behind our back), then raise ``CancelledError``."""
-    task = asyncio.ensure_future(future)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            if not cancelled and on_cancel is not None:
-                on_cancel()
-            cancelled = True
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation is what the caller sees
-        raise asyncio.CancelledError
-    return task.result()
-
-
 async def _abandon_unless_writing(work: Awaitable[T], found: _Found, cancel: threading.Event) -> T:
     """Await ``work`` (a thread running :meth:`Puller._open`). If the caller is
     cancelled meanwhile, set ``cancel``; then, when the thread has started writing,
-    wait until it has finished (as :func:`_run_to_end`), otherwise let it run out on
-    its own (it writes nothing once ``cancel`` is set) and raise at once."""
+    wait until it has finished (:func:`~adapter.sequencing.run_to_end`), otherwise let
+    it run out on its own (it writes nothing once ``cancel`` is set) and raise at once."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
@@ -249,7 +230,7 @@ async def _abandon_unless_writing(work: Awaitable[T], found: _Found, cancel: thr
             writing = found.writing
         if writing:
             with contextlib.suppress(Exception):
-                await _run_to_end(task)
+                await run_to_end(task)
         else:
             task.add_done_callback(_retrieve)
         raise
@@ -447,7 +428,7 @@ class Puller:
                 # renames only (no await): a cancellation cannot land between them
                 place_atomically(staging.path, target)
             except BaseException:
-                await _run_to_end(asyncio.to_thread(staging.remove))
+                await run_to_end(asyncio.to_thread(staging.remove))
                 raise
         except Exception as exc:
             self.metrics.pull_failed(found.backend, exc)
@@ -662,7 +643,7 @@ class Puller:
         progress = PullProgress(total_bytes)
         reporter = asyncio.create_task(progress.report_every(self.progress_interval))
         try:
-            return await _run_to_end(asyncio.to_thread(work, cancel, progress.add), on_cancel=cancel.set)
+            return await run_to_end(asyncio.to_thread(work, cancel, progress.add), on_cancel=cancel.set)
         finally:
             reporter.cancel()
 
@@ -690,7 +671,7 @@ class Puller:
                 raise StorageError(f"cannot lay out the unpacked archive at {dest}: {exc.strerror}") from exc
             return unpacked
 
-        return await _run_to_end(asyncio.to_thread(unpack), on_cancel=cancel.set)
+        return await run_to_end(asyncio.to_thread(unpack), on_cancel=cancel.set)
 
     @staticmethod
     def _link_in_place(
@@ -736,7 +717,7 @@ class Puller:
     async def remove(self, model_id: str) -> None:
         """:meth:`remove_now` in a worker thread, run to its end even if the caller is
         cancelled."""
-        await _run_to_end(asyncio.to_thread(self.remove_now, model_id))
+        await run_to_end(asyncio.to_thread(self.remove_now, model_id))
 
     def remove_now(self, model_id: str) -> None:
         """Delete ``ROOT_MODEL_DIR/<model_id>``; no error when it is absent. The
