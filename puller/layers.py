@@ -98,7 +98,7 @@ from puller.cache import CachedTree, ContentCache, link_or_copy
 from puller.cancel import PullCancel, run_watching
 from puller.checksums import HEX_LENGTHS
 from puller.engine import FetchCancelled, PullEngine, blob_label
-from puller.placement import remove_tree, safe_join, safe_relpath
+from puller.placement import is_within, remove_tree, safe_join, safe_relpath
 from puller.storage.base import Blob, ByteStream, Plan, Storage
 
 log = structlog.get_logger(__name__)
@@ -1059,7 +1059,7 @@ class _Run:
                 path = Path(folder) / name
                 st = path.lstat()
                 if stat.S_ISLNK(st.st_mode):
-                    if not _is_within(os.path.realpath(path), real_dest):
+                    if not is_within(os.path.realpath(path), real_dest):
                         rel = prefix + path.relative_to(self.dest).as_posix()
                         layer = origins.get(rel, "?")
                         target = str(path.readlink())
@@ -1106,10 +1106,6 @@ def _write_stream(source: _LayerSource, target: Path) -> None:
 
 def _within(rel: str, top: str) -> bool:
     return rel == top or rel.startswith(top + "/")
-
-
-def _is_within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _lookup(root: Path, rel: str) -> tuple[Path, os.stat_result] | None:

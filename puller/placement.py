@@ -61,8 +61,20 @@ def safe_relpath(name: str) -> str:
     return "/".join(parts)
 
 
-def _is_within(path: str, root: str) -> bool:
+def is_within(path: str, root: str) -> bool:
+    """True when the resolved path ``path`` is the resolved path ``root`` or below it."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def first_link_outside(top: Path, root_real: str) -> Path | None:
+    """The first symbolic link below ``top`` (walked without following links) that
+    resolves outside ``root_real`` (a resolved path), or ``None``."""
+    for folder, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            path = Path(folder) / name
+            if path.is_symlink() and not is_within(os.path.realpath(path), root_real):
+                return path
+    return None
 
 
 def safe_join(root: Path, relpath: str) -> Path:
@@ -78,7 +90,7 @@ def safe_join(root: Path, relpath: str) -> Path:
     try:
         for part in PurePosixPath(clean).parts:
             current = current / part
-            if current.is_symlink() and not _is_within(os.path.realpath(current), real_root):
+            if current.is_symlink() and not is_within(os.path.realpath(current), real_root):
                 raise UnsafePath(f"name {relpath!r} passes through a link that leads outside {root}")
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:

@@ -84,6 +84,7 @@ from puller.layers import LayerStats, apply_layers
 from puller.metrics import UNKNOWN_BACKEND, PullMetrics, PullProgress, default_metrics
 from puller.model_key import ModelKey, validate_model_id
 from puller.placement import (
+    first_link_outside,
     place_atomically,
     remove_tree,
     safe_join,
@@ -758,14 +759,9 @@ class Puller:
 
 def _check_links_inside(top: Path) -> None:
     """Raise ``UnsafePath`` when a symbolic link below ``top`` resolves outside it."""
-    real_top = os.path.realpath(top)
-    for folder, dirs, files in os.walk(top):
-        for name in (*dirs, *files):
-            path = Path(folder) / name
-            if path.is_symlink():
-                real = os.path.realpath(path)
-                if real != real_top and not real.startswith(real_top + os.sep):
-                    raise UnsafePath(f"the archive's link '{path.relative_to(top)}' leads outside the model")
+    outside = first_link_outside(top, os.path.realpath(top))
+    if outside is not None:
+        raise UnsafePath(f"the archive's link '{outside.relative_to(top)}' leads outside the model")
 
 
 def _link_schema(model: Path, schema_path: str, target: Path) -> None:

@@ -26,6 +26,7 @@ from adapter.errors import (
     StorageNotFound,
     UnsafePath,
 )
+from puller.placement import is_within
 from puller.storage.base import Blob, ByteStream, Plan, Storage
 
 if TYPE_CHECKING:
@@ -47,14 +48,6 @@ def _errno_name(exc: OSError) -> str:
 def _posix_relative(real: str, root_real: str) -> str:
     """``real`` relative to ``root_real`` in posix form (``.`` for the root itself)."""
     return PurePosixPath(*Path(os.path.relpath(real, root_real)).parts).as_posix()
-
-
-def _inside(real: str, root_real: str) -> bool:
-    """True when the resolved path ``real`` is ``root_real`` or below it."""
-    if real == root_real:
-        return True
-    prefix = root_real if root_real.endswith(os.sep) else root_real + os.sep
-    return real.startswith(prefix)
 
 
 @dataclass(frozen=True)
@@ -109,7 +102,7 @@ class LocalDirectoryStorage(Storage):
         relative = path.lstrip("/")
         root_real = self._root_real()
         real = os.path.realpath(Path(root_real, relative)) if relative else root_real
-        if not _inside(real, root_real):
+        if not is_within(real, root_real):
             raise UnsafePath(f"{self.describe()}: path {path!r} leads outside the storage root")
         try:
             st = Path(real).stat()
@@ -180,7 +173,7 @@ class LocalDirectoryStorage(Storage):
                 real = child.path
                 if child.is_symlink():
                     real = os.path.realpath(child.path)
-                    if not _inside(real, root_real):
+                    if not is_within(real, root_real):
                         raise UnsafePath(
                             f"{self.describe()}: {listed!r} is a symbolic link leading outside "
                             "the storage root"

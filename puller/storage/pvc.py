@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from adapter.errors import StorageConfigError, UnsafePath
-from puller.storage.file import LocalDirectoryStorage, _inside
+from puller.placement import first_link_outside
+from puller.storage.file import LocalDirectoryStorage
 
 if TYPE_CHECKING:
     from adapter.settings import Settings
@@ -55,15 +56,12 @@ class PVCStorage(LocalDirectoryStorage):
         links it finds, so none may lead it elsewhere in its container."""
         resolved = self.resolve(path)
         if Path(resolved).is_dir():
-            root_real = self._root_real()
-            for folder, dirs, files in os.walk(resolved):
-                for name in (*dirs, *files):
-                    entry = Path(folder) / name
-                    if entry.is_symlink() and not _inside(os.path.realpath(entry), root_real):
-                        inner = entry.relative_to(resolved).as_posix()
-                        raise UnsafePath(
-                            f"{self.describe()}: the link '{inner}' in model '{path}' leads outside the claim"
-                        )
+            outside = first_link_outside(Path(resolved), self._root_real())
+            if outside is not None:
+                inner = outside.relative_to(resolved).as_posix()
+                raise UnsafePath(
+                    f"{self.describe()}: the link '{inner}' in model '{path}' leads outside the claim"
+                )
         return resolved
 
     def identity(self) -> str:
