@@ -280,7 +280,7 @@ class ModelFlow:
             with structlog.contextvars.bound_contextvars(model_id=model_id):
                 try:
                     async with asyncio.timeout(self.settings.loadtime_timeout_ms / 1000):
-                        await run_to_end(asyncio.to_thread(self.plugin.remove_view, model_id))
+                        # layout replaces the old view (the plugin contract)
                         view = await run_to_end(asyncio.to_thread(self.plugin.layout, entry.model))
                         await self.plugin.load(model_id, view, entry.model)
                 except (SidecarError, TimeoutError) as exc:
