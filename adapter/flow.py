@@ -429,12 +429,15 @@ class ModelFlow:
     async def _remove_files(self, model_id: str) -> None:
         """The runtime's view of the model and, with the embedded puller, its model
         directory: one worker-thread hop, run to its end even if the caller is
-        cancelled."""
+        cancelled. A small model directory is deleted first, in the event loop
+        (:meth:`Puller.remove_if_small`: quicker than the hop it saves its thread)."""
         puller = self.puller
+        removed = puller is None or puller.remove_if_small(model_id)
 
         def remove() -> None:
             self.plugin.remove_view(model_id)
-            if puller is not None:
+            if not removed:
+                assert puller is not None
                 puller.remove_now(model_id)
 
         await run_to_end(asyncio.to_thread(remove))

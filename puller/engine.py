@@ -322,7 +322,7 @@ class PullEngine:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _local_error(exc, dest) from exc
-        states = self._create_files(plan, targets)
+        states = self._create_files(plan, targets, dest)
         self._run(job, states)
         mismatched = [state for state in states if state.mismatch is not None]
         if mismatched:
@@ -374,22 +374,14 @@ class PullEngine:
             )
         return expected
 
-    def _create_files(self, plan: Plan, targets: list[Path]) -> list[_BlobState]:
+    def _create_files(self, plan: Plan, targets: list[Path], dest: Path) -> list[_BlobState]:
+        """Create every blob's file (empty; set to its full size when its ranges are
+        written in parallel) and its folders."""
         states: list[_BlobState] = []
+        folders = {dest}  # made already
         for blob, target in zip(plan.blobs, targets, strict=True):
             if blob.size < 0:
                 raise StorageError(f"blob '{blob_label(blob)}' has a negative size")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(
-                    target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-                )
-                try:
-                    os.ftruncate(fd, blob.size)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                raise _local_error(exc, target) from exc
             expected = self._expected(blob)
             part_size = self.part_bytes if blob.ranged else max(blob.size, 1)
             if (
@@ -398,7 +390,22 @@ class PullEngine:
                 and blob.size <= self.single_stream_hash_bytes
             ):
                 part_size = max(blob.size, 1)  # one stream, hashed in order: nothing read back
-            states.append(_BlobState(blob, target, expected, part_size))
+            state = _BlobState(blob, target, expected, part_size)
+            try:
+                if target.parent not in folders:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    folders.add(target.parent)
+                fd = os.open(
+                    target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+                )
+                try:
+                    if len(state.ranges) > 1:
+                        os.ftruncate(fd, blob.size)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise _local_error(exc, target) from exc
+            states.append(state)
         return states
 
     @staticmethod

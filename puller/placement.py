@@ -13,8 +13,9 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 
 from adapter.errors import DiskFull, StorageError, UnsafePath
@@ -85,13 +86,23 @@ def safe_join(root: Path, relpath: str) -> Path:
     (a link inside ``root`` is allowed). Raises :class:`UnsafePath` otherwise.
     """
     clean = safe_relpath(relpath)
-    real_root = os.path.realpath(root)
-    current = Path(root)
+    real_root: str | None = None  # resolved only when a link is met
+    current = os.fspath(root)
     try:
-        for part in PurePosixPath(clean).parts:
-            current = current / part
-            if current.is_symlink() and not is_within(os.path.realpath(current), real_root):
-                raise UnsafePath(f"name {relpath!r} passes through a link that leads outside {root}")
+        for part in clean.split("/"):
+            current = f"{current}/{part}"
+            try:
+                is_link = stat.S_ISLNK(os.lstat(current).st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                break  # nothing exists below a missing component or a file
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                break  # a loop of links: writing through it fails later
+            if is_link:
+                real_root = real_root or os.path.realpath(root)
+                if not is_within(os.path.realpath(current), real_root):
+                    raise UnsafePath(f"name {relpath!r} passes through a link that leads outside {root}")
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise UnsafePath(f"name {relpath[:80]!r}... is too long for a path below {root}") from None
@@ -99,17 +110,65 @@ def safe_join(root: Path, relpath: str) -> Path:
     return Path(root) / clean
 
 
+#: how a folder being deleted is opened: never through a link
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: folders nested deeper than this are left to ``shutil.rmtree``
+_FAST_REMOVE_DEPTH = 32
+
+
+class _TooDeep(Exception):
+    pass
+
+
 def _remove_path(path: Path) -> None:
     """Remove a file, a link (never its target) or a directory tree; absent is fine.
 
-    ``shutil.rmtree`` does not follow symlinks found inside the tree."""
+    A tree is deleted through folder descriptors, every folder opened with
+    ``O_NOFOLLOW``: a link inside it is removed, never followed, and a folder swapped
+    for a link meanwhile stops the removal with an error. A tree nested deeper than
+    ``_FAST_REMOVE_DEPTH`` is finished by ``shutil.rmtree`` (just as careful)."""
     try:
-        if path.is_symlink() or not path.is_dir():
-            path.unlink()
-        else:
-            shutil.rmtree(path)
+        fd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a file, or a link
+        return
+    try:
+        _empty_folder(fd, 0)
+    except _TooDeep:
+        os.close(fd)
+        fd = -1
+        shutil.rmtree(path)
+        return
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        path.rmdir()
+
+
+def _empty_folder(fd: int, depth: int) -> None:
+    """Delete everything in the open folder ``fd``."""
+    if depth > _FAST_REMOVE_DEPTH:
+        raise _TooDeep
+    with os.scandir(fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_folder in names:
+        if not is_folder:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+            continue
+        sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        try:
+            _empty_folder(sub, depth + 1)
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=fd)
 
 
 def _os_error(exc: OSError, what: str) -> Exception:
@@ -142,11 +201,14 @@ class StagingDir:
         prefix = f"{label}." if label else "pull."
         try:
             if parent is None:
-                where = staging_root(root_model_dir)
+                where = Path(root_model_dir) / STAGING_DIR_NAME
+                try:
+                    made = tempfile.mkdtemp(prefix=prefix, dir=where)
+                except FileNotFoundError:  # no _tmp yet (or any more)
+                    made = tempfile.mkdtemp(prefix=prefix, dir=staging_root(root_model_dir))
             else:
-                where = Path(parent)
-                prefix = "." + prefix
-            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+                made = tempfile.mkdtemp(prefix="." + prefix, dir=parent)
+            self.path = Path(made)
         except OSError as exc:
             raise _os_error(exc, "creating a staging directory") from exc
 
@@ -184,7 +246,12 @@ def place_atomically(staging: Path, target: Path) -> None:
     """
     aside_parent: Path | None = None
     try:
-        if target.is_symlink() or target.exists():
+        try:
+            target.lstat()
+            present = True  # a folder, a file or a link (even a dangling one)
+        except FileNotFoundError:
+            present = False
+        if present:
             aside_parent = Path(tempfile.mkdtemp(prefix=".old.", dir=staging.parent))
             aside = aside_parent / "old"
             target.rename(aside)

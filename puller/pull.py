@@ -54,10 +54,10 @@ import asyncio
 import contextlib
 import functools
 import os
+import random
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,11 +79,12 @@ from puller.archive import is_archive, unpack_archive
 from puller.cache import Checkout, ContentCache, link_or_copy
 from puller.cancel import PullCancel, run_watching
 from puller.config import StorageConfig, StorageConfigDirectory, resolve_storage
-from puller.engine import INLINE_MAX_BYTES, FetchCancelled, FetchStats, Progress, PullEngine
+from puller.engine import INLINE_MAX_BYTES, INLINE_MAX_PARTS, FetchCancelled, FetchStats, Progress, PullEngine
 from puller.layers import LayerStats, apply_layers
 from puller.metrics import UNKNOWN_BACKEND, PullMetrics, PullProgress, default_metrics
 from puller.model_key import ModelKey, validate_model_id
 from puller.placement import (
+    STAGING_DIR_NAME,
     first_link_outside,
     place_atomically,
     remove_tree,
@@ -293,6 +294,8 @@ class Puller:
             if settings.cache_max_bytes > 0
             else None
         )
+        #: ids of the small model directories this puller placed (remove_if_small)
+        self._small: set[str] = set()
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -358,7 +361,10 @@ class Puller:
         model_id = validate_model_id(request.model_id)
         key = request.model_key
         target = self.root / model_id
-        local_name, size, _ = await self._pull_to(key, request.model_path, target, label=model_id[:48])
+        self._small.discard(model_id)
+        local_name, size, _, small = await self._pull_to(key, request.model_path, target, label=model_id[:48])
+        if small:
+            self._small.add(model_id)
         return LocalModel(
             model_id=model_id,
             path=target / local_name,
@@ -375,7 +381,7 @@ class Puller:
         was done: ``path`` (the model), ``disk_size_bytes``, ``bytes``, ``files``,
         ``seconds``."""
         dest = await asyncio.to_thread(_prepare_destination, Path(dest))
-        local_name, size, stats = await self._pull_to(
+        local_name, size, stats, _ = await self._pull_to(
             key, model_path, dest, label=dest.name[:48], parent=dest.parent
         )
         return {
@@ -388,11 +394,12 @@ class Puller:
 
     async def _pull_to(
         self, key: ModelKey, model_path: str, target: Path, *, label: str, parent: Path | None = None
-    ) -> tuple[str, int, FetchStats]:
+    ) -> tuple[str, int, FetchStats, bool]:
         """Stage the model (and schema) of ``key``/``model_path`` and rename the staging
-        folder to ``target``. Returns the model's local name, its bytes on disk and the
-        fetch figures. Records the pull in the metrics (a failure by its error class;
-        a cancellation is not a failure).
+        folder to ``target``. Returns the model's local name, its bytes on disk, the
+        fetch figures, and whether the model is small (see :meth:`remove_if_small`).
+        Records the pull in the metrics (a failure by its error class; a cancellation
+        is not a failure).
 
         One worker-thread hop resolves the storage, lists the model and, for a small
         model (at most ``INLINE_MAX_BYTES``, no archive, no image), fills the staging
@@ -424,6 +431,13 @@ class Puller:
                     )
                 finally:
                     reporter.cancel()
+                # filled in that one hop: at most INLINE_MAX_BYTES, no archive, no image
+                laid_out = found.layout
+                small = (
+                    staged is not None
+                    and laid_out is not None
+                    and len(laid_out.plan.blobs) <= INLINE_MAX_PARTS
+                )
                 if staged is None:
                     staged = await self._stage(found, key.schema_path, staging.path, use_cache=use_cache)
                 # renames only (no await): a cancellation cannot land between them
@@ -453,7 +467,7 @@ class Puller:
             linked=storage.links_in_place,
             **fetched.extra,
         )
-        return local_name, size, FetchStats(bytes=stats.bytes, files=stats.files, seconds=seconds)
+        return local_name, size, FetchStats(bytes=stats.bytes, files=stats.files, seconds=seconds), small
 
     def _open(
         self,
@@ -720,17 +734,37 @@ class Puller:
         cancelled."""
         await run_to_end(asyncio.to_thread(self.remove_now, model_id))
 
+    def remove_if_small(self, model_id: str) -> bool:
+        """Delete ``ROOT_MODEL_DIR/<model_id>`` here and now, like :meth:`remove_now`,
+        when this puller placed it as a small model (at most ``INLINE_MAX_BYTES`` in at
+        most ``INLINE_MAX_PARTS`` files, on the pod's own disk, where the placement's
+        renames already run in the event loop): deleting a few files costs less than
+        handing them to a worker thread. Returns ``False``, doing nothing, otherwise."""
+        if model_id not in self._small:
+            return False
+        self.remove_now(model_id)
+        return True
+
     def remove_now(self, model_id: str) -> None:
         """Delete ``ROOT_MODEL_DIR/<model_id>``; no error when it is absent. The
         directory disappears at once (renamed aside into ``_tmp``, where a restart
         sweeps what an interrupted delete left) and is then deleted; a link (pvc) is
         removed, never followed. Blocking."""
         target = self.model_dir(model_id)
-        aside = staging_root(self.root) / f"rm.{uuid.uuid4().hex}"
+        self._small.discard(model_id)
+        # a unique name for this process's purpose, not a secret
+        aside = self.root / STAGING_DIR_NAME / f"rm.{random.getrandbits(64):016x}"
         try:
             target.rename(aside)
         except FileNotFoundError:
-            return
+            if not (target.is_symlink() or target.exists()):
+                return
+            try:  # no _tmp any more: make it again
+                staging_root(self.root)
+                target.rename(aside)
+            except OSError:
+                remove_tree(target)
+                return
         except OSError:
             remove_tree(target)
             return
@@ -743,6 +777,7 @@ class Puller:
         stay (a runtime's own config there, e.g. OVMS's ``model_config_list.json``).
         The content cache (``_cache``) stays too: its entries are now unused and
         evictable, and serve the next pulls. Blocking: run it in a thread."""
+        self._small.clear()
         removed: list[str] = []
         try:
             entries = sorted(self.root.iterdir())

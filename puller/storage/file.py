@@ -50,6 +50,12 @@ def _posix_relative(real: str, root_real: str) -> str:
     return PurePosixPath(*Path(os.path.relpath(real, root_real)).parts).as_posix()
 
 
+def _version(st: os.stat_result) -> str:
+    """What identifies a local file's bytes: its device and inode (which file), its
+    size and modification time (which contents)."""
+    return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
 @dataclass(frozen=True)
 class _Located:
     real: str
@@ -71,6 +77,9 @@ class LocalDirectoryStorage(Storage):
 
     reads_locally = True
 
+    #: :attr:`root` resolved, once it was found to be a directory
+    _resolved_root: str | None = None
+
     @abc.abstractmethod
     def describe(self) -> str:
         """The store named for messages (public values only), e.g. ``PVC 'models'``."""
@@ -78,9 +87,14 @@ class LocalDirectoryStorage(Storage):
     # -- path resolution ----------------------------------------------------------
 
     def _root_real(self) -> str:
-        real = os.path.realpath(self.root)
+        """The root, resolved; checked to be a directory. Resolved once per backend
+        (a storage config that changes makes a new backend); its existence is checked
+        every time."""
+        real = self._resolved_root
+        if real is None:
+            real = os.path.realpath(self.root)
         try:
-            st = Path(real).stat()
+            st = os.stat(real)  # noqa: PTH116 - a hot path: no Path object
         except FileNotFoundError:
             raise StorageNotFound(f"{self.describe()}: directory {str(self.root)!r} does not exist") from None
         except OSError as exc:
@@ -89,6 +103,7 @@ class LocalDirectoryStorage(Storage):
             ) from None
         if not stat.S_ISDIR(st.st_mode):
             raise StorageNotFound(f"{self.describe()}: {str(self.root)!r} is not a directory")
+        self._resolved_root = real
         return real
 
     def _locate(self, path: str) -> tuple[str, _Located]:
@@ -197,18 +212,18 @@ class LocalDirectoryStorage(Storage):
 
     @staticmethod
     def _blob(name: str, relpath: str, st: os.stat_result) -> Blob:
-        return Blob(
-            name=name,
-            relpath=relpath,
-            size=st.st_size,
-            version=f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}",
-        )
+        return Blob(name=name, relpath=relpath, size=st.st_size, version=_version(st))
 
     def open_range(self, blob: Blob, start: int, end: int) -> ByteStream:
-        """Bytes ``[start, end)`` of the file ``blob.name`` (resolved and checked
-        again). ``IntegrityError`` when the file is now shorter than ``end``."""
+        """Bytes ``[start, end)`` of the file ``blob.name``: the very file the plan
+        listed (same device, inode, size and modification time, so inside the root
+        as the plan checked), or else resolved and checked again. ``IntegrityError``
+        when the file is now shorter than ``end``."""
         if start < 0 or end < start:
             raise StorageError(f"{self.describe()}: invalid byte range [{start}, {end}) for {blob.name!r}")
+        fd = self._open_as_planned(blob, end)
+        if fd is not None:
+            return FileRange(fd, start, end, blob.name)
         _, located = self._locate(blob.name)
         try:
             fd = os.open(located.real, _OPEN_FLAGS)
@@ -226,6 +241,30 @@ class LocalDirectoryStorage(Storage):
             os.close(fd)
             raise
         return FileRange(fd, start, end, blob.name)
+
+    def _open_as_planned(self, blob: Blob, end: int) -> int | None:
+        """``blob.name`` opened below the resolved root when it is still the file the
+        plan listed and resolved inside the root (the same device and inode, size and
+        modification time: :func:`_version`); ``None`` otherwise (not planned here, a
+        link at its end, moved, changed), for the caller to resolve and check again."""
+        root_real = self._resolved_root
+        name = blob.name
+        if root_real is None or not blob.version or end > blob.size:
+            return None
+        if name.startswith("/") or ".." in name.split("/"):
+            return None  # never planned here
+        try:
+            fd = os.open(f"{root_real}/{name}", _OPEN_FLAGS)
+        except OSError:
+            return None
+        try:
+            same = _version(os.fstat(fd)) == blob.version
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
 
     def _check_opened(self, fd: int, blob: Blob, end: int) -> None:
         st = os.fstat(fd)

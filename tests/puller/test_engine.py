@@ -249,10 +249,18 @@ def test_a_file_that_ends_up_with_the_wrong_size_is_refused(
     real_open_range = store.open_range
 
     def open_and_grow(blob: Blob, start: int, end: int) -> MemoryStream:
-        # something else appends to the file while it is being fetched
-        with (tmp_path / "out" / "m.bin").open("ab") as handle:
-            handle.write(b"extra")
-        return real_open_range(blob, start, end)
+        # something else appends to the file while it is being fetched: after its
+        # bytes were written, when the stream is closed
+        stream = real_open_range(blob, start, end)
+        close = stream.close
+
+        def close_and_grow() -> None:
+            close()
+            with (tmp_path / "out" / "m.bin").open("ab") as handle:
+                handle.write(b"extra")
+
+        stream.close = close_and_grow  # type: ignore[method-assign]
+        return stream
 
     monkeypatch.setattr(store, "open_range", open_and_grow)
     with pytest.raises(IntegrityError, match="5005 bytes"):
