@@ -173,7 +173,15 @@ class _BlobState:
         self.hashing = False
         self.checked = False
         self.mismatch: str | None = None
+        #: the file, open for writing, while the engine keeps it open (see ``close``)
+        self.fd: int | None = None
         self.reset()
+
+    def close(self) -> None:
+        """Close the file if it was kept open."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     def reset(self) -> None:
         """Forget every byte: fresh ranges, counters and digest (before a re-fetch)."""
@@ -319,11 +327,26 @@ class PullEngine:
         job = _Job(storage, cancel, self._closing, progress)
         job.check()
         try:
-            dest.mkdir(parents=True, exist_ok=True)
+            dest.mkdir()
+        except FileExistsError:
+            pass  # the caller's staging folder, normally
+        except FileNotFoundError:
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _local_error(exc, dest) from exc
         except OSError as exc:
             raise _local_error(exc, dest) from exc
-        states = self._create_files(plan, targets, dest)
-        self._run(job, states)
+        states = self._states(plan, targets)
+        # a model copied in this thread keeps its files open from creation to the end
+        keep_open = self._runs_inline(job, [part for state in states for part in state.ranges])
+        try:
+            self._create_files(states, dest, keep_open=keep_open)
+            self._run(job, states)
+        finally:
+            if keep_open:
+                for state in states:
+                    state.close()
         mismatched = [state for state in states if state.mismatch is not None]
         if mismatched:
             for state in mismatched:
@@ -374,11 +397,9 @@ class PullEngine:
             )
         return expected
 
-    def _create_files(self, plan: Plan, targets: list[Path], dest: Path) -> list[_BlobState]:
-        """Create every blob's file (empty; set to its full size when its ranges are
-        written in parallel) and its folders."""
+    def _states(self, plan: Plan, targets: list[Path]) -> list[_BlobState]:
+        """Every blob's state: its file, its checksum, its ranges."""
         states: list[_BlobState] = []
-        folders = {dest}  # made already
         for blob, target in zip(plan.blobs, targets, strict=True):
             if blob.size < 0:
                 raise StorageError(f"blob '{blob_label(blob)}' has a negative size")
@@ -390,7 +411,17 @@ class PullEngine:
                 and blob.size <= self.single_stream_hash_bytes
             ):
                 part_size = max(blob.size, 1)  # one stream, hashed in order: nothing read back
-            state = _BlobState(blob, target, expected, part_size)
+            states.append(_BlobState(blob, target, expected, part_size))
+        return states
+
+    @staticmethod
+    def _create_files(states: list[_BlobState], dest: Path, *, keep_open: bool) -> None:
+        """Create every blob's file (empty; set to its full size when its ranges are
+        written in parallel) and its folders; ``keep_open``: each file stays open for
+        its copy (``_BlobState.fd``), the caller closes it."""
+        folders = {dest}  # made already
+        for state in states:
+            target = state.path
             try:
                 if target.parent not in folders:
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -400,13 +431,16 @@ class PullEngine:
                 )
                 try:
                     if len(state.ranges) > 1:
-                        os.ftruncate(fd, blob.size)
-                finally:
+                        os.ftruncate(fd, state.blob.size)
+                except BaseException:
                     os.close(fd)
+                    raise
             except OSError as exc:
                 raise _local_error(exc, target) from exc
-            states.append(state)
-        return states
+            if keep_open:
+                state.fd = fd
+            else:
+                os.close(fd)
 
     @staticmethod
     def _empty(state: _BlobState) -> None:
@@ -513,10 +547,12 @@ class PullEngine:
         if part.pos >= part.end:
             return
         state = part.state
-        try:
-            fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _local_error(exc, state.path) from exc
+        fd = state.fd
+        if fd is None:
+            try:
+                fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise _local_error(exc, state.path) from exc
         try:
             reserved = self._reserve(fd, part, part.pos)
             # a cancel of the pull ends a wait on a stalled store at once (puller.cancel)
@@ -527,7 +563,8 @@ class PullEngine:
                 finally:
                     stream.close()
         finally:
-            os.close(fd)
+            if fd != state.fd:
+                os.close(fd)
 
     def _reserve(self, fd: int, part: _Range, reserved: int) -> int:
         """When ``part.pos`` has reached ``reserved``, reserve the next

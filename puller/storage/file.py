@@ -50,6 +50,29 @@ def _posix_relative(real: str, root_real: str) -> str:
     return PurePosixPath(*Path(os.path.relpath(real, root_real)).parts).as_posix()
 
 
+def _resolve_below(root_real: str, relative: str) -> tuple[str, os.stat_result | None]:
+    """``root_real/relative`` resolved (``root_real`` is resolved already), and its
+    ``lstat`` when no component of ``relative`` is a link (then only those components
+    were looked at); otherwise ``os.path.realpath`` of the whole, and ``None``."""
+    whole = f"{root_real.rstrip('/')}/{relative}"
+    if not relative:
+        return root_real, None
+    parts = relative.split("/")
+    if "" in parts or "." in parts or ".." in parts:
+        return os.path.realpath(whole), None
+    current = root_real.rstrip("/")
+    found: os.stat_result | None = None
+    for part in parts:
+        current = f"{current}/{part}"
+        try:
+            found = os.lstat(current)
+        except OSError:
+            return os.path.realpath(whole), None  # missing: the caller's stat says so
+        if stat.S_ISLNK(found.st_mode):
+            return os.path.realpath(whole), None
+    return current, found
+
+
 def _version(st: os.stat_result) -> str:
     """What identifies a local file's bytes: its device and inode (which file), its
     size and modification time (which contents)."""
@@ -116,9 +139,11 @@ class LocalDirectoryStorage(Storage):
             raise UnsafePath(f"{self.describe()}: path {path!r} contains a NUL character")
         relative = path.lstrip("/")
         root_real = self._root_real()
-        real = os.path.realpath(Path(root_real, relative)) if relative else root_real
+        real, found = _resolve_below(root_real, relative)
         if not is_within(real, root_real):
             raise UnsafePath(f"{self.describe()}: path {path!r} leads outside the storage root")
+        if found is not None:
+            return root_real, _Located(real, found)
         try:
             st = Path(real).stat()
         except (FileNotFoundError, NotADirectoryError):
