@@ -479,10 +479,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--note", default="")
     parser.add_argument("--keep-data", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the work folder (ROOT_MODEL_DIR, the source models) is made; default: the temp dir",
+    )
     parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON", help="print the tables and exit")
     parser.add_argument("--echo-server-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--plot-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def filesystem_of(path: Path) -> str:
+    """The type and options of the filesystem ``path`` is on, from /proc/mounts (the
+    longest mount point above it), e.g. ``ext4 (rw,relatime,discard)``."""
+    best = ("", "unknown", "")
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1]
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2], fields[3])
+    return f"{best[1]} ({best[2]})" if best[2] else best[1]
 
 
 def commit() -> str:
@@ -501,7 +522,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown targets {sorted(unknown)}")
     machine = machine_info()
-    work = Path(tempfile.mkdtemp(prefix="control-plane-"))
+    work = Path(tempfile.mkdtemp(prefix="control-plane-", dir=args.work_dir))
+    machine["work_dir"] = str(work)
+    machine["work_filesystem"] = filesystem_of(work)
+    print(f"work folder (ROOT_MODEL_DIR inside): {work} on {machine['work_filesystem']}", flush=True)
     results: list[Level] = []
     print(HEADER, flush=True)
     try:

@@ -235,6 +235,44 @@ def test_open_range_rechecks_a_link_changed_after_the_plan(storage: FileStorage,
         storage.open_range(blob, 0, blob.size)
 
 
+def test_open_range_rechecks_a_folder_swapped_for_a_link_after_the_plan(
+    storage: FileStorage, root: Path
+) -> None:
+    plan = storage.plan("dir")
+    blob = next(b for b in plan.blobs if b.relpath == "a.txt")
+    outside = root.parent / "elsewhere"
+    outside.mkdir()
+    (outside / "a.txt").write_bytes((root / "dir" / "a.txt").read_bytes())
+    (root / "dir").rename(root / "moved")
+    (root / "dir").symlink_to(outside)
+    with pytest.raises(UnsafePath):
+        storage.open_range(blob, 0, blob.size)
+
+
+def test_open_range_refuses_a_crafted_blob_with_the_version_of_a_file_outside(
+    storage: FileStorage, root: Path
+) -> None:
+    outside = root.parent / "outside.txt"
+    outside.write_text("outside")
+    storage.plan("dir")  # the root is resolved
+    st = outside.stat()
+    version = f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+    with pytest.raises(UnsafePath):
+        storage.open_range(Blob(name="../outside.txt", relpath="x", size=7, version=version), 0, 7)
+
+
+def test_a_file_replaced_after_the_plan_is_read_as_it_is_now(storage: FileStorage, root: Path) -> None:
+    plan = storage.plan("dir")
+    blob = next(b for b in plan.blobs if b.relpath == "a.txt")
+    data = (root / "dir" / "a.txt").read_bytes()
+    (root / "dir" / "a.txt").unlink()
+    (root / "dir" / "a.txt").write_bytes(bytes(reversed(data)))  # another file, same size
+    with storage.open_range(blob, 0, blob.size) as stream:  # type: ignore[attr-defined]
+        buffer = memoryview(bytearray(blob.size))
+        assert stream.readinto(buffer) == blob.size
+    assert bytes(buffer) == bytes(reversed(data))
+
+
 # --- file: ranges ---------------------------------------------------------------------
 
 

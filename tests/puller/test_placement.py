@@ -171,3 +171,36 @@ def test_remove_tree_never_follows_links(tmp_path: Path) -> None:
     assert not os.path.lexists(link)
     assert (outside / "keep").exists()
     remove_tree(tmp_path / "absent")  # no error
+
+
+def test_remove_tree_deletes_nested_folders_and_every_kind_of_entry(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep").write_bytes(b"keep")
+    model = tmp_path / "model"
+    deep = model.joinpath(*["d"] * 40)  # deeper than the descriptor walk goes alone
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_bytes(b"x")
+    (model / "d" / "dangling").symlink_to(tmp_path / "nowhere")
+    (model / "d" / "to-folder").symlink_to(outside / "sub")
+    (model / "empty").mkdir()
+    os.mkfifo(model / "fifo")
+    remove_tree(model)
+    assert not os.path.lexists(model)
+    assert (outside / "sub" / "keep").read_bytes() == b"keep"
+
+
+def test_remove_tree_of_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"x")
+    remove_tree(target)
+    assert not target.exists()
+
+
+def test_staging_dir_makes_tmp_again_when_it_is_gone(tmp_path: Path) -> None:
+    first = staging_dir(tmp_path, "a")
+    first.remove()
+    (tmp_path / "_tmp").rmdir()
+    again = staging_dir(tmp_path, "b")
+    assert again.path.parent == tmp_path / "_tmp"
+    assert again.path.is_dir()
