@@ -432,13 +432,12 @@ class ModelFlow:
         cancelled. A small model directory is deleted first, in the event loop
         (:meth:`Puller.remove_if_small`: quicker than the hop it saves its thread)."""
         puller = self.puller
-        removed = puller is None or puller.remove_if_small(model_id)
+        left = puller if puller is not None and not puller.remove_if_small(model_id) else None
 
         def remove() -> None:
             self.plugin.remove_view(model_id)
-            if not removed:
-                assert puller is not None
-                puller.remove_now(model_id)
+            if left is not None:
+                left.remove_now(model_id)
 
         await run_to_end(asyncio.to_thread(remove))
 

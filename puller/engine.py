@@ -327,14 +327,8 @@ class PullEngine:
         job = _Job(storage, cancel, self._closing, progress)
         job.check()
         try:
-            dest.mkdir()
-        except FileExistsError:
-            pass  # the caller's staging folder, normally
-        except FileNotFoundError:
-            try:
+            if not dest.is_dir():  # normally the caller's staging folder, there already
                 dest.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise _local_error(exc, dest) from exc
         except OSError as exc:
             raise _local_error(exc, dest) from exc
         states = self._states(plan, targets)

@@ -139,15 +139,13 @@ def _remove_path(path: Path) -> None:
             path.unlink()  # a file, or a link
         return
     try:
-        _empty_folder(fd, 0)
+        try:
+            _empty_folder(fd, 0)
+        finally:
+            os.close(fd)
     except _TooDeep:
-        os.close(fd)
-        fd = -1
         shutil.rmtree(path)
         return
-    finally:
-        if fd >= 0:
-            os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         path.rmdir()
 
@@ -246,12 +244,7 @@ def place_atomically(staging: Path, target: Path) -> None:
     """
     aside_parent: Path | None = None
     try:
-        try:
-            target.lstat()
-            present = True  # a folder, a file or a link (even a dangling one)
-        except FileNotFoundError:
-            present = False
-        if present:
+        if os.path.lexists(target):  # a folder, a file or a link (even a dangling one)
             aside_parent = Path(tempfile.mkdtemp(prefix=".old.", dir=staging.parent))
             aside = aside_parent / "old"
             target.rename(aside)

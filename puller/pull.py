@@ -757,7 +757,7 @@ class Puller:
         try:
             target.rename(aside)
         except FileNotFoundError:
-            if not (target.is_symlink() or target.exists()):
+            if not os.path.lexists(target):
                 return
             try:  # no _tmp any more: make it again
                 staging_root(self.root)

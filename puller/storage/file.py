@@ -54,13 +54,14 @@ def _resolve_below(root_real: str, relative: str) -> tuple[str, os.stat_result |
     """``root_real/relative`` resolved (``root_real`` is resolved already), and its
     ``lstat`` when no component of ``relative`` is a link (then only those components
     were looked at); otherwise ``os.path.realpath`` of the whole, and ``None``."""
-    whole = f"{root_real.rstrip('/')}/{relative}"
     if not relative:
         return root_real, None
+    base = root_real.rstrip("/")
+    whole = f"{base}/{relative}"
     parts = relative.split("/")
     if "" in parts or "." in parts or ".." in parts:
         return os.path.realpath(whole), None
-    current = root_real.rstrip("/")
+    current = base
     found: os.stat_result | None = None
     for part in parts:
         current = f"{current}/{part}"
