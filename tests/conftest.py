@@ -10,6 +10,7 @@ import pytest
 
 from tests.servers.mlserver import MLServerProcess
 from tests.servers.models import make_sklearn_model
+from tests.servers.process import running
 from tests.servers.s3 import MotoS3Server
 
 #: the secrets guard (no configured secret in any log line or error message, see its
@@ -29,11 +30,8 @@ def mlserver(mlserver_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         models_dir=mlserver_root / "_mlserver_models",
         workdir=tmp_path_factory.mktemp("mlserver-work"),
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +45,5 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
     """One moto S3 server for the whole session (any credentials accepted unless a
     test calls ``require_auth``)."""
     server = MotoS3Server(log_dir=tmp_path_factory.mktemp("moto-logs"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()

@@ -29,6 +29,7 @@ from tests.servers.oci_images import (
     opaque,
     whiteout,
 )
+from tests.servers.process import running
 from tests.servers.registry import DistributionRegistry
 
 pytestmark = pytest.mark.integration
@@ -63,11 +64,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionR
     server = DistributionRegistry(
         tmp_path_factory.mktemp("registry"), auth="htpasswd", users={USER: PASSWORD}
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

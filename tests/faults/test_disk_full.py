@@ -34,6 +34,7 @@ from tests.faults._storage_faults import (
     start_sidecar,
     write_storage_config,
 )
+from tests.servers.process import running
 from tests.servers.rclone import RcloneS3Server
 
 pytestmark = pytest.mark.integration
@@ -74,11 +75,8 @@ def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
     server = rclone_store(tmp_path_factory)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from tests.faults._storage_faults import (
     wait_for,
     write_storage_config,
 )
+from tests.servers.process import running
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +45,8 @@ def store() -> Iterator[FaultyHTTPStore]:
     server = FaultyHTTPStore()
     server.put("models/small.bin", SMALL)
     server.put("models/big.bin", BIG)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 def test_a_sidecar_killed_mid_pull_leaves_nothing_half_done(tmp_path: Path, store: FaultyHTTPStore) -> None:

@@ -29,6 +29,7 @@ from tests.faults._storage_faults import (
     wait_for_written,
     write_storage_config,
 )
+from tests.servers.process import running
 from tests.servers.rclone import RcloneS3Server
 
 pytestmark = pytest.mark.integration
@@ -47,11 +48,8 @@ CALL_TIMEOUT = 60.0
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
     server = rclone_store(tmp_path_factory, "--bwlimit", THROTTLE)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

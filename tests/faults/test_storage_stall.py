@@ -27,6 +27,7 @@ from tests.faults._storage_faults import (
     start_sidecar,
     write_storage_config,
 )
+from tests.servers.process import running
 
 pytestmark = pytest.mark.integration
 
@@ -50,11 +51,8 @@ def store() -> Iterator[FaultyHTTPStore]:
     server = FaultyHTTPStore()
     server.put("models/weights.bin", WEIGHTS)
     server.put("models/ok.bin", b"fine" * 1024)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +60,8 @@ def healthy() -> Iterator[FaultyHTTPStore]:
     """A second store that never stalls."""
     server = FaultyHTTPStore()
     server.put("models/ok.bin", b"fine" * 1024)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -51,7 +51,7 @@ from puller.storage.azure import (
 from puller.testing.storage_conformance import StorageConformance
 from tests.servers.azurite import ACCOUNT_KEY, ACCOUNT_NAME, AzuriteServer
 from tests.servers.https import make_pki
-from tests.servers.process import free_port
+from tests.servers.process import free_port, running
 
 TENANT = "0f5b1c3e-1d2a-4b6c-9e8f-123456789abc"
 
@@ -125,11 +125,8 @@ def new_container(server: AzuriteServer, *, public: bool = False) -> str:
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
     server = AzuriteServer(log_dir=tmp_path_factory.mktemp("azurite-logs"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +142,8 @@ def azurite_oauth(tmp_path_factory: pytest.TempPathFactory, azurite_pki: Any) ->
         tls=(azurite_pki.server_cert_file, azurite_pki.server_key_file, azurite_pki.ca_file),
         oauth=True,
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 # --- the conformance kit --------------------------------------------------------------

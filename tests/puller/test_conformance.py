@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from puller.testing.storage_conformance import StorageConformance
+from tests.servers.process import running
 from tests.servers.rclone import RcloneS3Server
 from tests.servers.s3 import MotoS3Server
 
@@ -128,11 +129,8 @@ def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Serv
         secret_key=f"conformance-secret-{uuid.uuid4().hex}",
         log_dir=tmp_path_factory.mktemp("rclone-logs"),
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.integration

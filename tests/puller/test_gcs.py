@@ -41,7 +41,7 @@ from puller.storage.gcs import GCSStorage, translate_gcs_error
 from puller.testing.storage_conformance import ConformanceStore, StorageConformance
 from tests.puller.conftest import make_settings
 from tests.servers.gcs import FakeGCSServer, GCPStorageEmulator, GuardedGCS, TokenEndpoint
-from tests.servers.process import free_port
+from tests.servers.process import free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -81,21 +81,15 @@ def key_material(account: ServiceAccount) -> list[str]:
 @pytest.fixture(scope="session")
 def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGCSServer]:
     server = FakeGCSServer(log_dir=tmp_path_factory.mktemp("fake-gcs-logs"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCPStorageEmulator]:
     server = GCPStorageEmulator(log_dir=tmp_path_factory.mktemp("gcs-emulator-logs"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ from puller.storage.ranged_http import RangedHttp, without_query
 from puller.testing.storage_conformance import ConformanceStore, StorageConformance
 from tests.puller.conftest import make_settings
 from tests.servers.https import Certificates, FileServer, make_pki
-from tests.servers.process import free_port
+from tests.servers.process import free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -60,11 +60,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 def _serve(server: FileServer) -> Iterator[FileServer]:
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from tests.servers.oci_images import (
     modelpack,
     zstd_image,
 )
+from tests.servers.process import running
 from tests.servers.registry import BlobRedirector, DistributionRegistry
 
 pytestmark = pytest.mark.integration
@@ -59,11 +60,8 @@ KIT = "application/vnd.kitops.modelkit"
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
     server = DistributionRegistry(tmp_path_factory.mktemp("oci-storage"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -325,11 +323,8 @@ def test_an_unplanned_blob_is_refused(settings: Settings, registry: Distribution
 def blob_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
     """Object storage stand-in: serves blob files and logs every request's headers."""
     server = FileServer(tmp_path_factory.mktemp("blob-host"), tmp_path_factory.mktemp("blob-host-logs"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -337,11 +332,8 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Distrib
     server = DistributionRegistry(
         tmp_path_factory.mktemp("oci-storage-basic"), auth="htpasswd", users={"alice": PASSWORD}
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 def _redirected(

@@ -57,7 +57,7 @@ from puller.storage.s3 import (
     is_md5_etag,
 )
 from tests.puller.conftest import make_settings
-from tests.servers.process import free_port
+from tests.servers.process import free_port, running
 from tests.servers.rclone import RcloneS3Server
 from tests.servers.s3 import CountingProxy, MotoS3Server
 
@@ -428,11 +428,8 @@ def _make_tls(folder: Path) -> tuple[Path, Path, Path]:
 def moto_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3Server]:
     folder = tmp_path_factory.mktemp("tls")
     server = MotoS3Server(log_dir=folder, tls=_make_tls(folder / "certs"))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 def test_https_with_an_inline_ca_certificate(
@@ -771,11 +768,8 @@ def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Serv
         secret_key=f"rclone-secret-{uuid.uuid4().hex}",
         log_dir=tmp_path_factory.mktemp("rclone-logs"),
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from puller.pull import Puller
 from puller.request import LocalModel, PullRequest
 from puller.storage.s3 import S3Storage
 from tests.puller.conftest import make_settings
+from tests.servers.process import running
 from tests.servers.rclone import RcloneS3Server
 
 pytestmark = pytest.mark.integration
@@ -50,21 +51,15 @@ def _server(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> RcloneS3Se
 @pytest.fixture(scope="module")
 def rclone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
     server = _server(tmp_path_factory)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
     server = _server(tmp_path_factory, "--bwlimit", THROTTLE)
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 def bucket_on(server: RcloneS3Server) -> str:

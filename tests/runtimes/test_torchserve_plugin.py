@@ -36,6 +36,7 @@ from puller.model_key import ModelKey
 from puller.request import LocalModel
 from runtimes.torchserve import MEMORY_HEADROOM, TorchServePlugin, mar_file_name, write_config
 from tests.servers.adapter import MeshClient, SidecarProcess
+from tests.servers.process import running
 from tests.servers.torchserve import TorchServeProcess
 from tests.servers.torchserve_models import (
     AFFINE_EXPECTED,
@@ -79,11 +80,8 @@ def torchserve(
     server.reserve_ports()
     plugin = TorchServePlugin(torchserve_settings(torchserve_root, server))
     write_config(plugin.config_path, server.adjust(plugin.config()))
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Helpers every test server shares: free ports, readiness polling, and a process
-that is started in its own process group and stopped by its PID."""
+"""Helpers every test server shares: free ports, readiness polling, a process that is
+started in its own process group and stopped by its PID, and ``running`` for fixtures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,29 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
+
+
+class _Server(Protocol):
+    def start(self) -> object: ...
+
+    def stop(self) -> object: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
+@contextlib.contextmanager
+def running(server: S) -> Iterator[S]:
+    """``server`` started, and stopped when the block ends however it ends; for
+    fixtures: ``with running(Server(...)) as server: yield server``."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import pytest
 from adapter.settings import Settings
 from protos.inference import grpc_service_pb2_grpc as v2_grpc
 from runtimes.triton import TritonPlugin
+from tests.servers.process import running
 from tests.servers.triton import TritonProcess
 
 
@@ -34,11 +35,8 @@ def triton(triton_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         models_dir=triton_root / "_triton_models",
         workdir=tmp_path_factory.mktemp("triton-work"),
     )
-    server.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
