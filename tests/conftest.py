@@ -18,6 +18,15 @@ from tests.servers.s3 import MotoS3Server
 pytest_plugins = ["tests.secrets_guard", "pytester"]
 
 
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty ROOT_MODEL_DIR (``tmp_path/models``) for in-process flows and layouts;
+    a module with a root of another kind defines its own."""
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
 @pytest.fixture(scope="session")
 def mlserver_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ROOT_MODEL_DIR shared by MLServer and the plugin under test."""

@@ -28,13 +28,6 @@ def load_request(root: Path, model_id: str, size: int = 1000) -> LoadRequest:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "models"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
 def runtime(root: Path) -> RecordingRuntime:
     return RecordingRuntime(make_settings(root))
 

@@ -422,14 +422,6 @@ class GatedRuntime(RecordingRuntime):
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """ROOT_MODEL_DIR of the in-process flow."""
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def gated(root: Path) -> tuple[ModelFlow, GatedRuntime]:
     runtime = GatedRuntime(make_settings(root))
     return ModelFlow(make_settings(root, loading_concurrency=1), runtime, None), runtime

@@ -20,13 +20,6 @@ MODEL_ID = "iris__isvc-0123456789"
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def plugin(root: Path) -> MLServerPlugin:
     return MLServerPlugin(Settings(root_model_dir=root))
 

@@ -127,14 +127,6 @@ async def plugin(ovms: OVMSDouble, ovms_root: Path) -> AsyncIterator[OVMSPlugin]
         await plugin.close()
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A ROOT_MODEL_DIR of its own, for the layout tests (no OVMS involved)."""
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
 # --- layout -----------------------------------------------------------------------------
 
 

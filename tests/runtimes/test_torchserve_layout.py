@@ -34,13 +34,6 @@ MODEL_ID = "mnist__isvc-0123456789"
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def plugin(root: Path) -> TorchServePlugin:
     return TorchServePlugin(Settings(root_model_dir=root).for_runtime(7071, 2.75))
 

@@ -24,13 +24,6 @@ MODEL_ID = "resnet__isvc-0123456789"
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def plugin(root: Path) -> TritonPlugin:
     return TritonPlugin(Settings(root_model_dir=root))
 
