@@ -8,8 +8,9 @@
   127.0.0.1, in a thread of the test process, serving in-memory objects with HEAD,
   ranged GET and an ETag, whose faults a test switches on: silence, a GET that is never
   answered, a stall mid-body, a hold once some bytes went out.
-- :func:`rclone_store`: ``rclone serve s3`` (a real S3 server process that can be
-  killed and restarted on its port) and its storage config.
+- :func:`s3_config`: the storage config of an ``rclone serve s3`` server
+  (``tests.servers.rclone.rclone_store``: a real S3 server process that can be killed
+  and restarted on its port).
 - Checks of ROOT_MODEL_DIR: model folders, staging leftovers, bytes written to a
   staging file so far, the content cache's consistency.
 
@@ -28,7 +29,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,18 +308,6 @@ class _StoreHandler(http.server.BaseHTTPRequestHandler):
 
 
 # --- rclone, a real S3 server process ------------------------------------------------------------
-
-
-def rclone_store(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> RcloneS3Server:
-    """An ``rclone serve s3`` server (not started) with its own keys; ``extra`` goes on
-    its command line (``"--bwlimit", "16M"`` for a slow store)."""
-    return RcloneS3Server(
-        tmp_path_factory.mktemp("rclone-root"),
-        access_key="faults-key-id",
-        secret_key=f"faults-secret-{uuid.uuid4().hex}",
-        log_dir=tmp_path_factory.mktemp("rclone-logs"),
-        extra_args=list(extra),
-    )
 
 
 def s3_config(server: RcloneS3Server, bucket: str) -> dict[str, str]:

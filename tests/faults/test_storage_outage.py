@@ -21,7 +21,6 @@ from tests.faults._storage_faults import (
     MiB,
     Sidecar,
     model_dirs,
-    rclone_store,
     s3_config,
     sha256_of,
     staging_leftovers,
@@ -30,7 +29,7 @@ from tests.faults._storage_faults import (
     write_storage_config,
 )
 from tests.servers.process import running
-from tests.servers.rclone import RcloneS3Server
+from tests.servers.rclone import RcloneS3Server, rclone_store
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from puller.request import LocalModel, PullRequest
 from puller.storage.s3 import S3Storage
 from tests.puller.conftest import make_settings
 from tests.servers.process import running
-from tests.servers.rclone import RcloneS3Server
+from tests.servers.rclone import RcloneS3Server, rclone_store
 
 pytestmark = pytest.mark.integration
 
@@ -38,26 +38,16 @@ MiB = 1024 * 1024
 THROTTLE = "16M"
 
 
-def _server(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> RcloneS3Server:
-    return RcloneS3Server(
-        tmp_path_factory.mktemp("rclone-root"),
-        access_key="fault-key-id",
-        secret_key=f"fault-secret-{uuid.uuid4().hex}",
-        log_dir=tmp_path_factory.mktemp("rclone-logs"),
-        extra_args=list(extra),
-    )
-
-
 @pytest.fixture(scope="module")
 def rclone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
-    server = _server(tmp_path_factory)
+    server = rclone_store(tmp_path_factory)
     with running(server):
         yield server
 
 
 @pytest.fixture(scope="module")
 def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
-    server = _server(tmp_path_factory, "--bwlimit", THROTTLE)
+    server = rclone_store(tmp_path_factory, "--bwlimit", THROTTLE)
     with running(server):
         yield server
 

@@ -23,10 +23,12 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 from botocore.config import Config
 
 from tests import secrets_guard
@@ -223,3 +225,16 @@ class RcloneS3Server:
             endpoint_url=self.endpoint_url,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
         )
+
+
+def rclone_store(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> RcloneS3Server:
+    """An ``rclone serve s3`` server (not started) with keys of its own and folders from
+    ``tmp_path_factory``; ``extra`` goes on its command line (``"--bwlimit", "16M"`` for
+    a slow store)."""
+    return RcloneS3Server(
+        tmp_path_factory.mktemp("rclone-root"),
+        access_key="rclone-key-id",
+        secret_key=f"rclone-secret-{uuid.uuid4().hex}",
+        log_dir=tmp_path_factory.mktemp("rclone-logs"),
+        extra_args=list(extra),
+    )
