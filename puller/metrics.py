@@ -24,8 +24,10 @@ of one of our errors, e.g. ``StorageNotFound``)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -209,6 +211,16 @@ class PullProgress:
             "seconds": round(seconds, 1),
             "mb_per_s": round(done / 1e6 / seconds, 1) if seconds > 0 else 0.0,
         }
+
+    @contextlib.contextmanager
+    def reporting(self, interval: float) -> Iterator[None]:
+        """:meth:`report_every` in a task of the running event loop while the block
+        runs."""
+        reporter = asyncio.create_task(self.report_every(interval))
+        try:
+            yield
+        finally:
+            reporter.cancel()
 
     async def report_every(self, interval: float) -> None:
         """Log ``pull progress`` every ``interval`` seconds until cancelled (the first

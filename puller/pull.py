@@ -413,9 +413,8 @@ class Puller:
             try:
                 cancel = PullCancel()
                 progress = PullProgress(None)  # the total is known once listed
-                reporter = asyncio.create_task(progress.report_every(self.progress_interval))
                 opening = functools.partial(self._open, use_cache=use_cache, cancel=cancel, progress=progress)
-                try:
+                with progress.reporting(self.progress_interval):
                     staged = await _abandon_unless_writing(
                         asyncio.to_thread(
                             run_watching,
@@ -429,8 +428,6 @@ class Puller:
                         found,
                         cancel,
                     )
-                finally:
-                    reporter.cancel()
                 # filled in that one hop: at most INLINE_MAX_BYTES, no archive, no image
                 laid_out = found.layout
                 small = (
@@ -656,11 +653,8 @@ class Puller:
         re-raising."""
         cancel = PullCancel()
         progress = PullProgress(total_bytes)
-        reporter = asyncio.create_task(progress.report_every(self.progress_interval))
-        try:
+        with progress.reporting(self.progress_interval):
             return await run_to_end(asyncio.to_thread(work, cancel, progress.add), on_cancel=cancel.set)
-        finally:
-            reporter.cancel()
 
     async def _unpack(self, archive: Path, dest: Path) -> int:
         """Unpack ``archive`` (in the staging folder) into ``dest``, then delete the
